@@ -1,0 +1,14 @@
+"""fastapi-leader: one leader among the replicas of a service, elected over Redis pub/sub.
+
+What it guarantees, and what it does not, is in the README ("Guarantees"). In short: at most one
+node's lease is valid at any instant (its own monotonic reading, checked at call time), every
+leadership has a fencing token that only grows, and a leader that loses Redis steps down before
+anyone else can win. It cannot stop a paused process from finishing a write it already began:
+guard such writes with the fencing token.
+"""
+
+from .core import MemberInfo, Role, Status
+from .messages import RejectReason
+from .settings import LeaderSettings
+
+__all__ = ["LeaderSettings", "MemberInfo", "RejectReason", "Role", "Status"]

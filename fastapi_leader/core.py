@@ -1,0 +1,752 @@
+"""The election protocol as a pure state machine: no I/O, no clock, no asyncio.
+
+Everything that changes a node's view of the election lives in this file. The caller (the
+runtime in ``service.py``, or a simulator in the tests) brings three kinds of input, each with
+the current reading of *its own* monotonic clock, ``now``:
+
+- a decoded :class:`~fastapi_leader.messages.Message` that came back through the broker;
+- a timer tick (:meth:`Election.tick`), and member pruning (:meth:`Election.prune`);
+- the result of an operation on the group's keys that the core asked for.
+
+Each call returns a list of :data:`Output`, in order: *commands* for the runtime to carry out
+(publish a message, allocate a term, acquire / renew / release the leader key) and *events* for
+the application (:class:`Elected`, :class:`Demoted`, :class:`LeaderChanged`, :class:`RoleChanged`).
+
+How a leader is chosen, and why it is safe:
+
+1. A follower that has heard no leader for a random election timeout (and has itself been
+   listening for at least that long) becomes a candidate and asks Redis for a fresh term:
+   ``max(counter, highest term seen) + 1``, so terms never repeat or go backwards.
+2. It broadcasts a vote request. Others grant one vote per term, and none while they hear a
+   live leader. The candidate counts only votes that came back through the broker, its own
+   included, so a node that cannot hear Redis never wins.
+3. With a majority of its member table it takes the leader key with ``SET NX PX lease``; Redis,
+   not the vote, decides. The same script publishes the first heartbeat.
+4. The leader renews the key with compare-and-extend every heartbeat. Its lease runs from the
+   moment the renewal was *sent*, so its own view ends before Redis's TTL does, and a follower
+   stands only an election timeout (> lease) after the last heartbeat it heard, which left the
+   leader after the renewal that backed it. So no two nodes' lease readings overlap.
+5. ``is_leader(now)`` compares ``now`` with the lease end at read time: a node that was paused
+   answers "not leader" before it has processed anything.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .messages import Kind, Message, RejectReason
+
+__all__ = [
+    "Acquire",
+    "AllocateTerm",
+    "Command",
+    "Demoted",
+    "Elected",
+    "Election",
+    "Event",
+    "LeaderChanged",
+    "MemberInfo",
+    "Output",
+    "Release",
+    "Renew",
+    "Role",
+    "RoleChanged",
+    "Send",
+    "Status",
+    "Timing",
+]
+
+
+class Role(str, Enum):
+    """A node's part in the election."""
+
+    FOLLOWER = "follower"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """The protocol's durations, in seconds (see :class:`~fastapi_leader.LeaderSettings`)."""
+
+    heartbeat_interval: float = 0.1
+    lease: float = 0.4
+    election_timeout_min: float = 0.5
+    election_timeout_max: float = 0.75
+    member_expiry: float = 1.0
+
+    @property
+    def presence_interval(self) -> float:
+        """How often followers announce themselves: three beats per expiry, so one lost beat
+        never drops a live member."""
+        return self.member_expiry / 3
+
+
+# ---- commands: what the runtime must do -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Publish ``message`` on the group's broadcast channel, or on node ``to``'s own channel."""
+
+    message: Message
+    to: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AllocateTerm:
+    """Ask Redis for a new term above ``floor``; answer with :meth:`Election.term_allocated`."""
+
+    floor: int
+
+
+@dataclass(frozen=True, slots=True)
+class Acquire:
+    """``SET leader-key "<node>:<term>" NX PX ttl`` and, if set, publish ``announce``; answer with
+    :meth:`Election.acquire_result`, passing the monotonic time read *before* sending."""
+
+    term: int
+    ttl: float
+    announce: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Renew:
+    """Extend the leader key's TTL only if it still holds ``"<node>:<term>"``, and if so publish
+    ``announce``; answer with :meth:`Election.renew_result`."""
+
+    term: int
+    ttl: float
+    announce: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Delete the leader key only if it holds ``"<node>:<term>"``, and if so publish
+    ``announce`` (a handover). No answer is needed."""
+
+    term: int
+    announce: Message | None
+
+
+Command = Send | AllocateTerm | Acquire | Renew | Release
+
+
+# ---- events: what the application hears ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Elected:
+    """This node became leader; ``term`` is its fencing token."""
+
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class Demoted:
+    """This node stopped being leader of ``term``."""
+
+    term: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderChanged:
+    """The leader this node knows of changed (``None``: no live leader known)."""
+
+    leader_id: str | None
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoleChanged:
+    """This node's role changed; one log line each."""
+
+    old: Role
+    new: Role
+    term: int
+    reason: str
+
+
+Event = Elected | Demoted | LeaderChanged | RoleChanged
+Output = Command | Event
+
+
+# ---- snapshots --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    """A live member as this node sees it."""
+
+    node_id: str
+    url: str | None
+    last_seen_ago: float
+    is_leader: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A node's view of the election at one instant (the lease read at that instant)."""
+
+    node_id: str
+    group: str
+    role: Role
+    is_leader: bool
+    leader_id: str | None
+    term: int
+    fencing_token: int | None
+    lease_remaining: float | None
+    members: tuple[MemberInfo, ...]
+    connected: bool
+
+
+@dataclass(slots=True)
+class _Member:
+    last_seen: float
+    url: str | None = None
+
+
+# A sender evicted from the sequence table could have its old messages replayed; 4096 senders
+# is far beyond any real group, and keeps the table's memory bounded under churn (~0.5 MB).
+_MAX_TRACKED_SENDERS = 4096
+
+
+@dataclass(slots=True)
+class _Candidacy:
+    term: int | None = None  # None while the term is being allocated
+    votes: set[str] = field(default_factory=set)
+    acquiring: bool = False
+
+
+class Election:
+    """One node's election state machine.
+
+    ``rng`` draws the election timeouts (pass a seeded :class:`random.Random` for reproducible
+    runs). ``first_seq`` seeds the message sequence: it must exceed every sequence number the same
+    ``node_id`` used before (the runtime passes the wall clock in microseconds), or receivers
+    would drop this incarnation's messages as replays.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        group: str,
+        timing: Timing,
+        *,
+        rng: random.Random,
+        url: str | None = None,
+        first_seq: int = 0,
+    ) -> None:
+        self.node_id = node_id
+        self.group = group
+        self.timing = timing
+        self.url = url
+        self._rng = rng
+        self._seq = first_seq
+
+        self.role = Role.FOLLOWER
+        self.term = 0  # the highest term seen or allocated: the floor for the next allocation
+        self.voted_term = -1
+        self.voted_for: str | None = None
+        self.leader_id: str | None = None
+        self.leader_term = 0
+        self._leader_heard_at = float("-inf")
+        self._lease_term = 0
+        self.lease_expires_at = float("-inf")
+        self._next_renew_at = float("-inf")
+        self._renewing = False
+        self._candidacy: _Candidacy | None = None
+
+        self._wait_from = 0.0
+        self._timeout = timing.election_timeout_max
+        self._next_presence_at = float("-inf")
+        self._self_heard_at = float("-inf")
+        self.members: dict[str, _Member] = {}
+        self._seqs: OrderedDict[str, int] = OrderedDict()
+        self.dropped: dict[str, int] = {}
+
+        self.connected = False
+        self.started = False
+        self.stopped = False
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def is_leader(self, now: float) -> bool:
+        """Whether this node holds a valid lease at ``now``: read at call time, never cached."""
+        return self.role is Role.LEADER and now < self.lease_expires_at
+
+    def fencing_token(self, now: float) -> int | None:
+        """The term of the current leadership while it is valid, else ``None``."""
+        return self._lease_term if self.is_leader(now) else None
+
+    @property
+    def election_deadline(self) -> float | None:
+        """When a follower or candidate will next stand, if nothing is heard before then."""
+        if self.role is Role.LEADER or not self.started or self.stopped:
+            return None
+        return self._wait_from + self._timeout
+
+    def status(self, now: float) -> Status:
+        """A snapshot of this node's view at ``now``."""
+        leading = self.is_leader(now)
+        role = self.role
+        if role is Role.LEADER and not leading:
+            role = Role.FOLLOWER  # the lease ran out; the next tick will say so in events
+        leader_id = self.node_id if leading else self._live_leader(now)
+        members = tuple(
+            MemberInfo(
+                node_id=node_id,
+                url=member.url,
+                last_seen_ago=max(0.0, now - member.last_seen),
+                is_leader=node_id == leader_id,
+            )
+            for node_id, member in sorted(self.members.items())
+        )
+        return Status(
+            node_id=self.node_id,
+            group=self.group,
+            role=role,
+            is_leader=leading,
+            leader_id=leader_id,
+            term=self.term,
+            fencing_token=self._lease_term if leading else None,
+            lease_remaining=self.lease_expires_at - now if leading else None,
+            members=members,
+            connected=self.connected,
+        )
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Output]:
+        """Join the group as a follower. The node listens for a whole election timeout before
+        it may stand, so a joining node never unseats a healthy leader."""
+        if self.started:
+            return []
+        self.started = True
+        self.connected = True
+        self._new_wait(now)
+        out: list[Output] = []
+        self._presence(now, out)
+        return out
+
+    def connection_lost(self, now: float) -> list[Output]:
+        """The subscription to the broker broke: this node can no longer hear the group."""
+        out: list[Output] = []
+        if self.stopped or not self.connected:
+            return out
+        self.connected = False
+        if self.role is Role.LEADER:
+            self._step_down(now, "lost the broker connection", out, release=True)
+        elif self.role is Role.CANDIDATE:
+            self._become_follower(now, "lost the broker connection", out)
+        return out
+
+    def connection_restored(self, now: float) -> list[Output]:
+        """The subscription is back: rejoin as a follower that listens before it stands."""
+        out: list[Output] = []
+        if self.stopped or self.connected:
+            return out
+        self.connected = True
+        self._new_wait(now)
+        self._presence(now, out)
+        return out
+
+    def resign(self, now: float) -> list[Output]:
+        """Give up the leadership (if held) and name a successor, staying in the group."""
+        out: list[Output] = []
+        if self.stopped or self.role is not Role.LEADER:
+            return out
+        self._hand_over(now, "resigned", out)
+        return out
+
+    def leave(self, now: float) -> list[Output]:
+        """Leave the group for good: a leader hands over, anyone else says goodbye. After this
+        every input is ignored."""
+        out: list[Output] = []
+        if self.stopped or not self.started:
+            self.stopped = True
+            return out
+        if self.role is Role.LEADER:
+            self._hand_over(now, "shutting down", out)
+        else:
+            if self.role is Role.CANDIDATE:
+                self._become_follower(now, "shutting down", out)
+            out.append(Send(self._message(Kind.LEAVE)))
+        self.stopped = True
+        return out
+
+    # ---- timers -------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Output]:
+        """Drive timers: the leader renews its lease (or steps down when it has run out),
+        followers announce themselves and stand when their election timeout expires."""
+        out: list[Output] = []
+        if self.stopped or not self.started:
+            return out
+        if self.role is Role.LEADER:
+            self._leader_tick(now, out)
+            return out
+        self._presence(now, out)
+        live_leader = self._live_leader(now)
+        if self.leader_id is not None and live_leader is None:
+            self._lose_leader(now, out)
+        deadline = self._wait_from + self._timeout
+        if now >= deadline:
+            if self.connected and self._heard_self(now):
+                self._stand(now, out)
+            else:
+                self._new_wait(now)  # cannot hear the broker: no point allocating terms
+        return out
+
+    def prune(self, now: float) -> list[Output]:
+        """Forget members not heard from within ``member_expiry``."""
+        if self.stopped:
+            return []
+        horizon = now - self.timing.member_expiry
+        for node_id in [n for n, m in self.members.items() if m.last_seen < horizon]:
+            del self.members[node_id]
+        return []
+
+    # ---- results of commands ------------------------------------------------------------------
+
+    def term_allocated(self, term: int, now: float) -> list[Output]:
+        """Redis allocated ``term`` for the pending candidacy."""
+        out: list[Output] = []
+        candidacy = self._candidacy
+        if self.stopped or self.role is not Role.CANDIDATE or candidacy is None:
+            return out
+        if candidacy.term is not None:
+            return out
+        if term <= self.term:
+            # Someone stood in a higher term meanwhile; we owe them our vote, not a contest.
+            self._become_follower(now, f"term {term} already superseded", out)
+            return out
+        self.term = term
+        candidacy.term = term
+        self.voted_term, self.voted_for = term, self.node_id
+        out.append(Send(self._message(Kind.VOTE_REQUEST, term=term)))
+        return out
+
+    def term_failed(self, now: float) -> list[Output]:
+        """The term could not be allocated (Redis unreachable): give up this candidacy."""
+        out: list[Output] = []
+        if not self.stopped and self.role is Role.CANDIDATE:
+            self._become_follower(now, "could not allocate a term", out)
+        return out
+
+    def acquire_result(self, term: int, acquired: bool, sent_at: float, now: float) -> list[Output]:
+        """The answer to :class:`Acquire`; ``sent_at`` was read just before it was sent."""
+        out: list[Output] = []
+        candidacy = self._candidacy
+        standing = (
+            not self.stopped
+            and self.role is Role.CANDIDATE
+            and candidacy is not None
+            and candidacy.term == term
+        )
+        if acquired and (not standing or sent_at + self.timing.lease <= now):
+            # We hold the key but no longer want it (or the answer came too late to use):
+            # give it back now rather than block the group until its TTL runs out.
+            out.append(Release(term=term, announce=None))
+            if standing:
+                self._become_follower(now, "lease acquired too late", out)
+            return out
+        if not standing:
+            return out
+        if not acquired:
+            self._become_follower(now, "leader key is held", out)
+            return out
+        self._candidacy = None
+        self._set_role(Role.LEADER, "won the election and the leader key", out)
+        self._lease_term = term
+        self.lease_expires_at = sent_at + self.timing.lease
+        self._next_renew_at = sent_at + self.timing.heartbeat_interval
+        self._renewing = False
+        out.append(Elected(term=term))
+        self._set_leader(self.node_id, term, now, out)
+        return out
+
+    def renew_result(
+        self, term: int, renewed: bool | None, sent_at: float, now: float
+    ) -> list[Output]:
+        """The answer to :class:`Renew`: ``True`` renewed, ``False`` the key is not ours any
+        more, ``None`` the command failed (the lease then simply runs out)."""
+        out: list[Output] = []
+        if self.role is not Role.LEADER or term != self._lease_term or self.stopped:
+            return out
+        self._renewing = False
+        if renewed is None:
+            return out
+        if not renewed:
+            self._step_down(now, "leader key lost", out, release=False)
+            return out
+        self.lease_expires_at = max(self.lease_expires_at, sent_at + self.timing.lease)
+        self._next_renew_at = sent_at + self.timing.heartbeat_interval
+        return out
+
+    # ---- messages -----------------------------------------------------------------------------
+
+    def receive(self, message: Message, now: float) -> list[Output]:
+        """Handle one message that came back through the broker."""
+        out: list[Output] = []
+        if self.stopped or not self.started or message.group != self.group:
+            return out
+        if not self._fresh(message):
+            self._count(RejectReason.REPLAY.value)
+            return out
+        sender = message.sender
+        if message.kind in (Kind.LEAVE, Kind.HANDOVER):
+            self.members.pop(sender, None)
+        else:
+            self._saw(sender, now, message.url)
+        if sender == self.node_id:
+            self._self_heard_at = now
+        if message.term > self.term and message.kind is not Kind.VOTE:
+            self.term = message.term
+        handler = _HANDLERS[message.kind]
+        handler(self, message, now, out)
+        return out
+
+    def _on_heartbeat(self, m: Message, now: float, out: list[Output]) -> None:
+        if m.sender == self.node_id:
+            return
+        if self.role is Role.LEADER:
+            if m.term > self._lease_term:
+                # Only the key's holder can publish a heartbeat: ours is gone.
+                self._step_down(now, f"{m.sender} leads term {m.term}", out, release=False)
+            else:
+                return  # a stale heartbeat of an older leadership
+        live = self._live_leader(now)
+        if live is not None and live != m.sender and m.term < self.leader_term:
+            return  # delayed beat of an older leader
+        if self.role is Role.CANDIDATE:
+            self._become_follower(now, f"{m.sender} leads term {m.term}", out)
+        self._set_leader(m.sender, m.term, now, out)
+        self._wait_from = now
+
+    def _on_presence(self, m: Message, now: float, out: list[Output]) -> None:
+        if m.sender == self.leader_id and m.sender != self.node_id:
+            # The leader we followed now beats as a follower: it stepped down.
+            self._lose_leader(now, out)
+
+    def _on_vote_request(self, m: Message, now: float, out: list[Output]) -> None:
+        candidacy = self._candidacy
+        if m.sender == self.node_id:
+            if self.role is Role.CANDIDATE and candidacy is not None and candidacy.term == m.term:
+                candidacy.votes.add(self.node_id)
+                self._check_majority(now, out)
+            return
+        if self.is_leader(now) or self._live_leader(now) is not None:
+            return  # leader stickiness: a live leader is never voted out
+        if self.role is Role.CANDIDATE:
+            if candidacy is None or candidacy.term is None or m.term <= candidacy.term:
+                return
+            self._become_follower(now, f"{m.sender} stands in higher term {m.term}", out)
+        if m.term < self.term or m.term < self.voted_term:
+            return  # an older election: the winner must not carry a stale fencing token
+        if m.term == self.voted_term and self.voted_for != m.sender:
+            return  # one vote per term
+        self.voted_term, self.voted_for = m.term, m.sender
+        self._wait_from = now  # give the candidate time to win before standing ourselves
+        out.append(Send(self._message(Kind.VOTE, term=m.term, target=m.sender), to=m.sender))
+
+    def _on_vote(self, m: Message, now: float, out: list[Output]) -> None:
+        candidacy = self._candidacy
+        if m.target != self.node_id or candidacy is None or candidacy.term != m.term:
+            return
+        if self.role is Role.CANDIDATE:
+            candidacy.votes.add(m.sender)
+            self._check_majority(now, out)
+
+    def _on_handover(self, m: Message, now: float, out: list[Output]) -> None:
+        if m.sender == self.node_id:
+            return
+        if self.leader_id == m.sender:
+            self._lose_leader(now, out)
+        if m.target == self.node_id and self.role is Role.FOLLOWER and self.connected:
+            self._stand(now, out)  # named successor: no timeout to wait out
+        elif self.role is Role.FOLLOWER:
+            self._new_wait(now)  # give the successor its round
+
+    def _on_leave(self, m: Message, now: float, out: list[Output]) -> None:
+        if self.leader_id == m.sender and m.sender != self.node_id:
+            self._lose_leader(now, out)
+
+    # ---- transitions --------------------------------------------------------------------------
+
+    def _leader_tick(self, now: float, out: list[Output]) -> None:
+        if not self.is_leader(now):
+            self._step_down(now, "lease expired before it could be renewed", out, release=True)
+            return
+        if not self._heard_self(now):
+            self._step_down(now, "cannot hear its own heartbeats", out, release=True)
+            return
+        # Half a beat of slack: the ticks that drive this come from a scheduler with jitter, and
+        # a tick a hair early must not skip a whole beat.
+        if not self._renewing and now >= self._next_renew_at - self.timing.heartbeat_interval / 2:
+            self._renewing = True
+            beat = self._message(Kind.HEARTBEAT, term=self._lease_term, url=self.url)
+            out.append(Renew(term=self._lease_term, ttl=self.timing.lease, announce=beat))
+
+    def _stand(self, now: float, out: list[Output]) -> None:
+        self._lose_leader(now, out)
+        self._candidacy = _Candidacy()
+        self._set_role(Role.CANDIDATE, "election timeout", out)
+        self._new_wait(now)
+        out.append(AllocateTerm(floor=self.term))
+
+    def _check_majority(self, now: float, out: list[Output]) -> None:
+        candidacy = self._candidacy
+        if candidacy is None or candidacy.term is None or candidacy.acquiring:
+            return
+        if self.node_id not in candidacy.votes:
+            return  # our own request has not come back: we cannot hear the broker
+        electorate = set(self._live_members(now)) | candidacy.votes
+        if 2 * len(candidacy.votes) <= len(electorate):
+            return
+        candidacy.acquiring = True
+        beat = self._message(Kind.HEARTBEAT, term=candidacy.term, url=self.url)
+        out.append(Acquire(term=candidacy.term, ttl=self.timing.lease, announce=beat))
+
+    def _hand_over(self, now: float, reason: str, out: list[Output]) -> None:
+        term = self._lease_term
+        successor = self._pick_successor(now)
+        self._demote(now, reason, out)
+        if successor is None:
+            announce = self._message(Kind.LEAVE, term=term)
+        else:
+            announce = self._message(Kind.HANDOVER, term=term, target=successor)
+        out.append(Release(term=term, announce=announce))
+
+    def _pick_successor(self, now: float) -> str | None:
+        # The member heard from most recently is the one most likely still connected.
+        live = [(m.last_seen, n) for n, m in self.members.items() if n != self.node_id]
+        horizon = now - self.timing.member_expiry
+        live = [item for item in live if item[0] >= horizon]
+        return max(live)[1] if live else None
+
+    def _step_down(self, now: float, reason: str, out: list[Output], *, release: bool) -> None:
+        term = self._lease_term
+        self._demote(now, reason, out)
+        if release:
+            out.append(Release(term=term, announce=None))
+
+    def _demote(self, now: float, reason: str, out: list[Output]) -> None:
+        term = self._lease_term
+        self.lease_expires_at = float("-inf")
+        self._renewing = False
+        self._set_role(Role.FOLLOWER, reason, out)
+        out.append(Demoted(term=term, reason=reason))
+        self._lose_leader(now, out)
+        self._new_wait(now)
+
+    def _become_follower(self, now: float, reason: str, out: list[Output]) -> None:
+        self._candidacy = None
+        self._set_role(Role.FOLLOWER, reason, out)
+        self._new_wait(now)
+
+    def _set_role(self, role: Role, reason: str, out: list[Output]) -> None:
+        if role is not self.role:
+            out.append(RoleChanged(old=self.role, new=role, term=self.term, reason=reason))
+            self.role = role
+
+    def _set_leader(self, leader_id: str, term: int, now: float, out: list[Output]) -> None:
+        self._leader_heard_at = now
+        changed = leader_id != self.leader_id
+        self.leader_id, self.leader_term = leader_id, term
+        if changed:
+            out.append(LeaderChanged(leader_id=leader_id, term=term))
+
+    def _lose_leader(self, now: float, out: list[Output]) -> None:
+        if self.leader_id is None:
+            return
+        if self.leader_id != self.node_id:
+            # A silent leader no longer counts in the electorate, or a two-node group could
+            # never reach a majority until the member expired.
+            self.members.pop(self.leader_id, None)
+        self.leader_id = None
+        out.append(LeaderChanged(leader_id=None, term=self.leader_term))
+
+    def _new_wait(self, now: float) -> None:
+        self._wait_from = now
+        self._timeout = self._rng.uniform(
+            self.timing.election_timeout_min, self.timing.election_timeout_max
+        )
+
+    def _presence(self, now: float, out: list[Output]) -> None:
+        if now >= self._next_presence_at:
+            self._next_presence_at = now + self.timing.presence_interval
+            out.append(Send(self._message(Kind.PRESENCE, url=self.url)))
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _live_leader(self, now: float) -> str | None:
+        if self.leader_id is None or self.leader_id == self.node_id:
+            return None
+        # A leader unheard for a whole lease cannot still hold one (its lease ran from before
+        # the beat we heard), so from then on it no longer shields itself from votes.
+        if now - self._leader_heard_at >= self.timing.lease:
+            return None
+        return self.leader_id
+
+    def _heard_self(self, now: float) -> bool:
+        return now - self._self_heard_at <= self.timing.member_expiry
+
+    def _live_members(self, now: float) -> list[str]:
+        horizon = now - self.timing.member_expiry
+        return [n for n, m in self.members.items() if m.last_seen >= horizon]
+
+    def _saw(self, node_id: str, now: float, url: str | None) -> None:
+        member = self.members.get(node_id)
+        if member is None:
+            self.members[node_id] = _Member(last_seen=now, url=url)
+        else:
+            member.last_seen = now
+            if url is not None:
+                member.url = url
+
+    def _fresh(self, m: Message) -> bool:
+        last = self._seqs.get(m.sender)
+        if last is not None and m.seq <= last:
+            return False
+        self._seqs[m.sender] = m.seq
+        self._seqs.move_to_end(m.sender)
+        if len(self._seqs) > _MAX_TRACKED_SENDERS:
+            self._seqs.popitem(last=False)
+        return True
+
+    def _count(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def _message(
+        self,
+        kind: Kind,
+        *,
+        term: int | None = None,
+        target: str | None = None,
+        url: str | None = None,
+    ) -> Message:
+        self._seq += 1
+        return Message(
+            kind=kind,
+            group=self.group,
+            sender=self.node_id,
+            term=self.term if term is None else term,
+            seq=self._seq,
+            target=target,
+            url=url,
+        )
+
+
+_HANDLERS = {
+    Kind.HEARTBEAT: Election._on_heartbeat,
+    Kind.PRESENCE: Election._on_presence,
+    Kind.VOTE_REQUEST: Election._on_vote_request,
+    Kind.VOTE: Election._on_vote,
+    Kind.HANDOVER: Election._on_handover,
+    Kind.LEAVE: Election._on_leave,
+}

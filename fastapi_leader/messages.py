@@ -1,0 +1,230 @@
+"""Protocol messages and their wire codec: versioned, strict, small, optionally signed.
+
+A message on the wire is one compact JSON object with one-letter keys. When the group shares a
+secret, the object is preceded by the hex HMAC-SHA256 of its exact bytes, so the signature is
+checked before any parsing and no canonical re-encoding is needed::
+
+    {"v":1,"k":"hb","g":"billing","n":"a1b2","t":7,"s":1732771200000001}
+    3f9c...64 hex...e1{"v":1,"k":"hb",...}
+
+Anything that is not exactly a valid message of this group raises :class:`MessageRejected`
+with a short reason, which the runtime counts; nothing else ever escapes :meth:`Codec.decode`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "PROTOCOL_VERSION",
+    "Codec",
+    "Kind",
+    "Message",
+    "MessageRejected",
+    "RejectReason",
+]
+
+PROTOCOL_VERSION = 1
+
+# The largest legal message is about 750 bytes (a 512-character URL plus ids and a signature);
+# 2 KiB leaves room without letting a flood of huge payloads cost JSON parsing time.
+MAX_MESSAGE_BYTES = 2048
+
+_MAC_HEX = 64  # hex digits of an HMAC-SHA256
+_MAX_INT = 2**63 - 1  # terms and sequence numbers stay within a signed 64-bit integer
+_MAX_ID = 64
+_MAX_URL = 512
+
+
+class Kind(str, Enum):
+    """What a message says."""
+
+    HEARTBEAT = "hb"
+    """The leader's beat, published by the same script that renewed its lease."""
+    PRESENCE = "hi"
+    """A follower's or candidate's beat: "I am alive and in the group"."""
+    VOTE_REQUEST = "rv"
+    """A candidate asks for votes in its (freshly allocated) term."""
+    VOTE = "vg"
+    """A vote granted to ``target`` in ``term``; sent to the candidate's own channel."""
+    HANDOVER = "ho"
+    """The leader has released its lease and names ``target`` as its successor."""
+    LEAVE = "by"
+    """The sender leaves the group (graceful shutdown)."""
+
+
+class RejectReason(str, Enum):
+    """Why a received message was dropped; used as a counter name."""
+
+    OVERSIZED = "oversized"
+    MALFORMED = "malformed"
+    VERSION = "version"
+    FOREIGN_GROUP = "foreign_group"
+    UNSIGNED = "unsigned"
+    BAD_SIGNATURE = "bad_signature"
+    REPLAY = "replay"
+
+
+class MessageRejected(Exception):
+    """Raised by :meth:`Codec.decode` for anything that is not a valid message of the group."""
+
+    def __init__(self, reason: RejectReason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
+
+
+_TARGETED = frozenset({Kind.VOTE, Kind.HANDOVER})
+_MAY_CARRY_URL = frozenset({Kind.HEARTBEAT, Kind.PRESENCE})
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One protocol message. ``seq`` grows with every message a sender sends, so receivers can
+    drop duplicates and replays; ``target`` names the candidate (vote) or successor (handover);
+    ``url`` is the sender's advertised URL on heartbeats and presence beats."""
+
+    kind: Kind
+    group: str
+    sender: str
+    term: int
+    seq: int
+    target: str | None = None
+    url: str | None = None
+
+    def __post_init__(self) -> None:
+        # Construction and decoding share these checks, so a message we can build we can read.
+        problem = _invalid(self)
+        if problem:
+            raise ValueError(problem)
+
+
+def _invalid(m: Message) -> str | None:
+    if not isinstance(m.kind, Kind):
+        return "kind must be a Kind"
+    for name, value in (("group", m.group), ("sender", m.sender)):
+        if not isinstance(value, str) or not 0 < len(value) <= _MAX_ID:
+            return f"{name} must be a string of 1 to {_MAX_ID} characters"
+    for name, number in (("term", m.term), ("seq", m.seq)):
+        if type(number) is not int or not 0 <= number <= _MAX_INT:
+            return f"{name} must be an integer in [0, 2**63)"
+    if m.kind in _TARGETED:
+        if not isinstance(m.target, str) or not 0 < len(m.target) <= _MAX_ID:
+            return f"{m.kind.name} needs a target of 1 to {_MAX_ID} characters"
+    elif m.target is not None:
+        return f"{m.kind.name} carries no target"
+    if m.url is not None:
+        if m.kind not in _MAY_CARRY_URL:
+            return f"{m.kind.name} carries no url"
+        if not isinstance(m.url, str) or not 0 < len(m.url) <= _MAX_URL:
+            return f"url must be a string of 1 to {_MAX_URL} characters"
+    return None
+
+
+_KEYS = {"v", "k", "g", "n", "t", "s", "c", "u"}
+_REQUIRED = {"v", "k", "g", "n", "t", "s"}
+_KINDS = {kind.value: kind for kind in Kind}
+
+
+class Codec:
+    """Encodes and decodes the messages of one group.
+
+    ``secrets`` are the shared keys: the first signs, and any of them verifies (so a key can be
+    rotated by deploying ``[new, old]`` first, then ``[new]``). With no secret, messages are
+    neither signed nor accepted signed.
+    """
+
+    def __init__(self, group: str, secrets: Iterable[bytes] = ()) -> None:
+        self.group = group
+        self._keys = tuple(secrets)
+
+    @property
+    def signed(self) -> bool:
+        """Whether messages are signed and signatures required."""
+        return bool(self._keys)
+
+    def encode(self, message: Message) -> bytes:
+        """The wire bytes of ``message``."""
+        obj: dict[str, Any] = {
+            "v": PROTOCOL_VERSION,
+            "k": message.kind.value,
+            "g": message.group,
+            "n": message.sender,
+            "t": message.term,
+            "s": message.seq,
+        }
+        if message.target is not None:
+            obj["c"] = message.target
+        if message.url is not None:
+            obj["u"] = message.url
+        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode()
+        if self._keys:
+            return _mac(self._keys[0], body).encode() + body
+        return body
+
+    def decode(self, data: bytes) -> Message:
+        """The message in ``data``, or :class:`MessageRejected` saying why not."""
+        if not isinstance(data, (bytes, bytearray)):
+            raise MessageRejected(RejectReason.MALFORMED, "not bytes")
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise MessageRejected(RejectReason.OVERSIZED, f"{len(data)} bytes")
+        body = bytes(data)
+        if self._keys:
+            if body[:1] == b"{":
+                raise MessageRejected(RejectReason.UNSIGNED)
+            mac, body = body[:_MAC_HEX], body[_MAC_HEX:]
+            try:
+                mac_text = mac.decode("ascii")
+            except UnicodeDecodeError:
+                raise MessageRejected(RejectReason.BAD_SIGNATURE, "not hex") from None
+            if not any(hmac.compare_digest(_mac(key, body), mac_text) for key in self._keys):
+                raise MessageRejected(RejectReason.BAD_SIGNATURE)
+        elif body[:1] != b"{":
+            raise MessageRejected(RejectReason.MALFORMED, "not a JSON object (signed?)")
+        try:
+            obj = json.loads(body)
+        except (ValueError, RecursionError):
+            raise MessageRejected(RejectReason.MALFORMED, "not JSON") from None
+        return self._from_object(obj)
+
+    def _from_object(self, obj: Any) -> Message:
+        if not isinstance(obj, dict):
+            raise MessageRejected(RejectReason.MALFORMED, "not an object")
+        keys = set(obj)
+        if not keys <= _KEYS or not keys >= _REQUIRED:
+            raise MessageRejected(RejectReason.MALFORMED, "unexpected or missing fields")
+        version = obj["v"]
+        if type(version) is not int:
+            raise MessageRejected(RejectReason.MALFORMED, "version is not an integer")
+        if version != PROTOCOL_VERSION:
+            raise MessageRejected(RejectReason.VERSION, str(version))
+        kind = _KINDS.get(obj["k"]) if isinstance(obj["k"], str) else None
+        if kind is None:
+            raise MessageRejected(RejectReason.MALFORMED, "unknown kind")
+        if not isinstance(obj["g"], str) or obj.get("c", "") is None or obj.get("u", "") is None:
+            raise MessageRejected(RejectReason.MALFORMED, "wrong field types")
+        if obj["g"] != self.group:
+            raise MessageRejected(RejectReason.FOREIGN_GROUP)
+        try:
+            return Message(
+                kind=kind,
+                group=obj["g"],
+                sender=obj["n"],
+                term=obj["t"],
+                seq=obj["s"],
+                target=obj.get("c"),
+                url=obj.get("u"),
+            )
+        except ValueError as exc:
+            raise MessageRejected(RejectReason.MALFORMED, str(exc)) from None
+
+
+def _mac(key: bytes, body: bytes) -> str:
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
