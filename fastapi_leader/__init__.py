@@ -9,6 +9,20 @@ guard such writes with the fencing token.
 
 from .core import MemberInfo, Role, Status
 from .messages import RejectReason
+from .service import LeaderElection, NotStarted
 from .settings import LeaderSettings
+from .transport import BrokerUnavailable, MemoryBroker, MemoryTransport, RedisTransport
 
-__all__ = ["LeaderSettings", "MemberInfo", "RejectReason", "Role", "Status"]
+__all__ = [
+    "BrokerUnavailable",
+    "LeaderElection",
+    "LeaderSettings",
+    "MemberInfo",
+    "MemoryBroker",
+    "MemoryTransport",
+    "NotStarted",
+    "RedisTransport",
+    "RejectReason",
+    "Role",
+    "Status",
+]

@@ -397,7 +397,7 @@ class Election:
         deadline = self._wait_from + self._timeout
         if now >= deadline:
             if self.connected and self._heard_self(now):
-                self._stand(now, out)
+                self._stand(now, out, "election timeout")
             else:
                 self._new_wait(now)  # cannot hear the broker: no point allocating terms
         return out
@@ -568,7 +568,7 @@ class Election:
         if self.leader_id == m.sender:
             self._lose_leader(now, out)
         if m.target == self.node_id and self.role is Role.FOLLOWER and self.connected:
-            self._stand(now, out)  # named successor: no timeout to wait out
+            self._stand(now, out, f"named successor of {m.sender}")  # no timeout to wait out
         elif self.role is Role.FOLLOWER:
             self._new_wait(now)  # give the successor its round
 
@@ -592,10 +592,10 @@ class Election:
             beat = self._message(Kind.HEARTBEAT, term=self._lease_term, url=self.url)
             out.append(Renew(term=self._lease_term, ttl=self.timing.lease, announce=beat))
 
-    def _stand(self, now: float, out: list[Output]) -> None:
+    def _stand(self, now: float, out: list[Output], reason: str) -> None:
         self._lose_leader(now, out)
         self._candidacy = _Candidacy()
-        self._set_role(Role.CANDIDATE, "election timeout", out)
+        self._set_role(Role.CANDIDATE, reason, out)
         self._new_wait(now)
         out.append(AllocateTerm(floor=self.term))
 

@@ -52,7 +52,8 @@ class LeaderSettings(BaseSettings):
 
     redis_url: str = Field(default="redis://localhost:6379/0", repr=False)
     """Redis (or Valkey) to use as the broker: ``redis://``, ``rediss://`` (TLS) or ``unix://``;
-    ``redis://user:password@host:6379/0`` for ACL users. The password is never logged."""
+    ``redis://user:password@host:6379/0`` for ACL users. The password is never logged.
+    ``memory://`` elects among the nodes of this one process (development and tests)."""
 
     group: str = "default"
     """The service's name. Nodes of different groups on one Redis never see each other."""
@@ -72,7 +73,7 @@ class LeaderSettings(BaseSettings):
     Four heartbeats: three renewals can be lost before the leader steps down."""
 
     election_timeout_min: Seconds = 0.5
-    """Shortest silence from the leader after which a follower stands for election. Must exceed
+    """Shortest silence from the leader after which a follower stands for election. At least
     the lease plus one heartbeat, so the old lease has ended before anyone can win."""
 
     election_timeout_max: Seconds = 0.75
@@ -103,9 +104,10 @@ class LeaderSettings(BaseSettings):
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
         scheme = urlsplit(value).scheme
-        if scheme not in ("redis", "rediss", "unix"):
+        if scheme not in ("redis", "rediss", "unix", "memory"):
             raise ValueError(
-                f"scheme must be redis://, rediss:// or unix://, not {scheme or 'none'}://"
+                "scheme must be redis://, rediss://, unix:// or memory:// (one process only), "
+                f"not {scheme or 'none'}://"
             )
         return value
 
@@ -137,11 +139,11 @@ class LeaderSettings(BaseSettings):
                 f"lease ({lease}) must be at least 2 x heartbeat_interval ({hb}), "
                 "so that one lost renewal does not end the leadership"
             )
-        if lease >= tmin - hb:
+        if lease > tmin - hb + 1e-9:
             raise ValueError(
-                f"lease ({lease}) must be shorter than election_timeout_min ({tmin}) minus "
+                f"lease ({lease}) must not exceed election_timeout_min ({tmin}) minus "
                 f"heartbeat_interval ({hb}), so that an old leader's lease has ended before "
-                "a follower can stand"
+                "a follower can stand, even one that missed the last heartbeat"
             )
         if tmax < tmin:
             raise ValueError(
