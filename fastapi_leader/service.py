@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import random
@@ -65,6 +66,7 @@ DEFAULT_CALLBACK_TIMEOUT = 5.0
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 Callback = Callable[..., Any]
+_JobSpec = tuple[Callable[..., Any], Any, dict[str, Any]]
 
 
 class NotStarted(RuntimeError):
@@ -139,6 +141,7 @@ class LeaderElection:
         self._on_elected: list[Callback] = []
         self._on_demoted: list[Callback] = []
         self._on_leader_change: list[Callback] = []
+        self._user_jobs: list[_JobSpec] = []
 
         self.counters: Counter[str] = Counter()
         """Messages received and dropped (by reason), elections won, demotions, leader changes
@@ -184,6 +187,61 @@ class LeaderElection:
         """Register ``callback(leader_id)`` for when the known leader changes (decorator)."""
         self._on_leader_change.append(callback)
         return callback
+
+    # ---- leader-only work ---------------------------------------------------------------------
+
+    def leader_only(self, func: _F) -> _F:
+        """Wrap a sync or async function so that it runs only while this node leads; on a
+        follower the call is skipped (logged at debug level) and returns ``None``. The lease is
+        read at the moment of the call."""
+        name = _name(func)
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def guarded_async(*args: Any, **kwargs: Any) -> Any:
+                if not self.is_leader:
+                    log.debug("node %s: skipped %s: not the leader", self.node_id, name)
+                    return None
+                return await func(*args, **kwargs)
+
+            return guarded_async  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if not self.is_leader:
+                log.debug("node %s: skipped %s: not the leader", self.node_id, name)
+                return None
+            return func(*args, **kwargs)
+
+        return guarded  # type: ignore[return-value]
+
+    def scheduled_job(self, trigger: Any, **trigger_args: Any) -> Callable[[_F], _F]:
+        """Decorator: run the function on the election's scheduler, on the leader only, so a
+        cron-like task runs once per cluster instead of once per replica or worker::
+
+            @election.scheduled_job("interval", seconds=5)
+            async def sweep() -> None: ...
+
+        ``trigger`` and ``trigger_args`` are APScheduler's ``add_job`` arguments (``"cron",
+        minute="*/5"``, ``"interval", seconds=30``, a trigger object ...). The job fires on every
+        node; followers skip it. Registered before :meth:`start`, it is added at start.
+        Returns the function unchanged."""
+
+        def register(func: _F) -> _F:
+            options = {"coalesce": True, "max_instances": 1, **trigger_args}
+            options.setdefault("id", f"fastapi-leader:{self.group}:job:{_name(func)}")
+            options.setdefault("name", _name(func))
+            spec = (self.leader_only(func), trigger, options)
+            self._user_jobs.append(spec)
+            if self._scheduler is not None and self._state == "running":
+                self._add_user_job(self._scheduler, spec)
+            return func
+
+        return register
+
+    def _add_user_job(self, scheduler: AsyncIOScheduler, spec: _JobSpec) -> None:
+        func, trigger, options = spec
+        self._jobs.append(scheduler.add_job(func, trigger, replace_existing=True, **options))
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -372,6 +430,8 @@ class LeaderElection:
         self._jobs.append(self._timer)
         self._timer_at = None
         self._arm_timer()
+        for spec in self._user_jobs:
+            self._add_user_job(scheduler, spec)
 
     async def stop(self) -> None:
         """Leave the group: stop leader work, hand leadership over (release the key, name a
