@@ -210,6 +210,13 @@ class _Member:
     url: str | None = None
 
 
+# The largest term a group uses. Terms only grow by one per candidacy, so a real group never
+# gets near it (100 elections a second for ~3 million years); a message claiming more is hostile.
+# Adopting such a term would wedge the group or worse: terms past 2**53 are not exact in Redis's
+# Lua numbers (allocation stops growing, even goes negative), and past 2**63 - 1 the core could
+# not build its next message at all (ValueError in every tick and in leave()).
+MAX_TERM = 2**53
+
 # A sender evicted from the sequence table could have its old messages replayed; 4096 senders
 # is far beyond any real group, and keeps the table's memory bounded under churn (~0.5 MB).
 _MAX_TRACKED_SENDERS = 4096
@@ -421,6 +428,11 @@ class Election:
             return out
         if candidacy.term is not None:
             return out
+        if term > MAX_TERM:
+            # Only a tampered term counter gets here; standing with it would build messages
+            # that every node (this one included) drops.
+            self._become_follower(now, f"term {term} is beyond the largest usable term", out)
+            return out
         if term <= self.term:
             # Someone stood in a higher term meanwhile; we owe them our vote, not a contest.
             self._become_follower(now, f"term {term} already superseded", out)
@@ -494,6 +506,10 @@ class Election:
         """Handle one message that came back through the broker."""
         out: list[Output] = []
         if self.stopped or not self.started or message.group != self.group:
+            return out
+        if message.term > MAX_TERM:
+            # Checked before the sequence table, which such a message must not touch either.
+            self._count(RejectReason.MALFORMED.value)
             return out
         if not self._fresh(message):
             self._count(RejectReason.REPLAY.value)

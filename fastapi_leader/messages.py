@@ -110,22 +110,34 @@ def _invalid(m: Message) -> str | None:
     if not isinstance(m.kind, Kind):
         return "kind must be a Kind"
     for name, value in (("group", m.group), ("sender", m.sender)):
-        if not isinstance(value, str) or not 0 < len(value) <= _MAX_ID:
-            return f"{name} must be a string of 1 to {_MAX_ID} characters"
+        if not _is_text(value, _MAX_ID):
+            return f"{name} must be printable text of 1 to {_MAX_ID} UTF-8 bytes"
     for name, number in (("term", m.term), ("seq", m.seq)):
         if type(number) is not int or not 0 <= number <= _MAX_INT:
             return f"{name} must be an integer in [0, 2**63)"
     if m.kind in _TARGETED:
-        if not isinstance(m.target, str) or not 0 < len(m.target) <= _MAX_ID:
-            return f"{m.kind.name} needs a target of 1 to {_MAX_ID} characters"
+        if not _is_text(m.target, _MAX_ID):
+            return f"{m.kind.name} needs a target of 1 to {_MAX_ID} UTF-8 bytes"
     elif m.target is not None:
         return f"{m.kind.name} carries no target"
     if m.url is not None:
         if m.kind not in _MAY_CARRY_URL:
             return f"{m.kind.name} carries no url"
-        if not isinstance(m.url, str) or not 0 < len(m.url) <= _MAX_URL:
-            return f"url must be a string of 1 to {_MAX_URL} characters"
+        if not _is_text(m.url, _MAX_URL):
+            return f"url must be printable text of 1 to {_MAX_URL} UTF-8 bytes"
     return None
+
+
+def _is_text(value: object, max_bytes: int) -> bool:
+    # Limits count encoded bytes and control characters are refused, because JSON escapes those
+    # (one character, six bytes): the worst legal message must still fit in MAX_MESSAGE_BYTES.
+    if not isinstance(value, str) or not value.isprintable():
+        return False
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return 0 < size <= max_bytes
 
 
 _KEYS = {"v", "k", "g", "n", "t", "s", "c", "u"}
@@ -164,7 +176,7 @@ class Codec:
             obj["c"] = message.target
         if message.url is not None:
             obj["u"] = message.url
-        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode()
+        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
         if self._keys:
             return _mac(self._keys[0], body).encode() + body
         return body

@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = ["LeaderSettings"]
 
 # Names travel in every message and in channel names: keep them short and unambiguous.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 
 def _seconds(value: Any) -> Any:
@@ -47,6 +47,8 @@ class LeaderSettings(BaseSettings):
         env_file=".env",
         extra="ignore",
         frozen=True,
+        # A rejected redis_url or secret must not be echoed into logs with the error.
+        hide_input_in_errors=True,
         use_attribute_docstrings=True,
     )
 
@@ -93,7 +95,7 @@ class LeaderSettings(BaseSettings):
     @field_validator("group", "channel_prefix", "node_id")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not _NAME.match(value):
+        if not _NAME.fullmatch(value):
             raise ValueError(
                 "must be 1 to 64 characters of letters, digits, '_', '.' or '-', "
                 "starting with a letter or digit"
@@ -162,8 +164,6 @@ class LeaderSettings(BaseSettings):
         parts = urlsplit(self.redis_url)
         if parts.password is None:
             return self.redis_url
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
+        host = parts.netloc.rpartition("@")[2]  # as written: keeps IPv6 brackets and the port
         user = parts.username or ""
         return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

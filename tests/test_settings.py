@@ -1,0 +1,491 @@
+"""LeaderSettings: sources, defaults, and every invariant checked at construction."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from fastapi_leader.settings import LeaderSettings
+
+PASSWORD = "hunter2-Sw0rdfish"
+SECRET = "0123456789abcdef-top-secret"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """No ``LEADER_*`` variable and no ``.env`` file leaks in from the machine running the tests."""
+    for name in list(os.environ):
+        if name.upper().startswith("LEADER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+
+
+def _leaks(secret: str, text: str) -> bool:
+    """Whether any 8 consecutive characters of ``secret`` appear in ``text`` (pydantic shortens
+    long input values in the middle, so a leak may be partial)."""
+    return any(secret[i : i + 8] in text for i in range(len(secret) - 7))
+
+
+def _error_text(**kwargs: Any) -> str:
+    with pytest.raises(ValidationError) as caught:
+        LeaderSettings(**kwargs)
+    return str(caught.value)
+
+
+# ---- defaults and sources -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        ("redis_url", "redis://localhost:6379/0"),
+        ("group", "default"),
+        ("channel_prefix", "fastapi-leader"),
+        ("heartbeat_interval", 0.1),
+        ("lease", 0.4),
+        ("election_timeout_min", 0.5),
+        ("election_timeout_max", 0.75),
+        ("member_expiry", 1.0),
+        ("secret", None),
+        ("advertise_url", None),
+    ],
+)
+def test_defaults(field: str, expected: object) -> None:
+    assert getattr(LeaderSettings(), field) == expected
+
+
+def test_default_node_id_is_random_per_instance() -> None:
+    ids = {LeaderSettings().node_id for _ in range(20)}
+    assert len(ids) == 20
+    for node_id in ids:
+        # The default must itself pass the name rule it is checked against.
+        assert LeaderSettings(node_id=node_id).node_id == node_id
+
+
+ENV_CASES = [
+    (
+        "LEADER_REDIS_URL",
+        "rediss://cache.internal:6380/2",
+        "redis_url",
+        "rediss://cache.internal:6380/2",
+    ),
+    ("LEADER_GROUP", "billing", "group", "billing"),
+    ("LEADER_CHANNEL_PREFIX", "acme.leader", "channel_prefix", "acme.leader"),
+    ("LEADER_NODE_ID", "web-1", "node_id", "web-1"),
+    ("LEADER_HEARTBEAT_INTERVAL", "0.05", "heartbeat_interval", 0.05),
+    ("LEADER_LEASE", "0.3", "lease", 0.3),
+    ("LEADER_ELECTION_TIMEOUT_MIN", "0.6", "election_timeout_min", 0.6),
+    ("LEADER_ELECTION_TIMEOUT_MAX", "2", "election_timeout_max", 2.0),
+    ("LEADER_MEMBER_EXPIRY", "3", "member_expiry", 3.0),
+    ("LEADER_ADVERTISE_URL", "http://10.0.0.7:8000", "advertise_url", "http://10.0.0.7:8000"),
+]
+
+
+@pytest.mark.parametrize(("variable", "raw", "field", "expected"), ENV_CASES)
+def test_reads_leader_environment_variables(
+    monkeypatch: pytest.MonkeyPatch, variable: str, raw: str, field: str, expected: object
+) -> None:
+    monkeypatch.setenv(variable, raw)
+    assert getattr(LeaderSettings(), field) == expected
+
+
+def test_reads_secret_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEADER_SECRET", SECRET)
+    secret = LeaderSettings().secret
+    assert secret is not None
+    assert secret.get_secret_value() == SECRET
+
+
+@pytest.mark.parametrize(("variable", "raw", "field", "expected"), ENV_CASES)
+def test_reads_dotenv_file_in_working_directory(
+    clean_environment: Path, variable: str, raw: str, field: str, expected: object
+) -> None:
+    (clean_environment / ".env").write_text(f"{variable}={raw}\n")
+    assert getattr(LeaderSettings(), field) == expected
+
+
+def test_environment_overrides_dotenv_file(
+    monkeypatch: pytest.MonkeyPatch, clean_environment: Path
+) -> None:
+    (clean_environment / ".env").write_text("LEADER_GROUP=from-file\nLEADER_NODE_ID=file-node\n")
+    monkeypatch.setenv("LEADER_GROUP", "from-env")
+    settings = LeaderSettings()
+    assert (settings.group, settings.node_id) == ("from-env", "file-node")
+
+
+def test_keyword_arguments_override_environment_and_dotenv(
+    monkeypatch: pytest.MonkeyPatch, clean_environment: Path
+) -> None:
+    (clean_environment / ".env").write_text("LEADER_GROUP=from-file\nLEADER_LEASE=0.3\n")
+    monkeypatch.setenv("LEADER_GROUP", "from-env")
+    monkeypatch.setenv("LEADER_NODE_ID", "env-node")
+    settings = LeaderSettings(group="from-kwargs", lease=0.25)
+    assert (settings.group, settings.lease, settings.node_id) == ("from-kwargs", 0.25, "env-node")
+
+
+def test_variables_without_the_prefix_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GROUP", "unprefixed")
+    monkeypatch.setenv("LEASE", "0.3")
+    settings = LeaderSettings()
+    assert (settings.group, settings.lease) == ("default", 0.4)
+
+
+def test_settings_are_frozen() -> None:
+    settings = LeaderSettings()
+    with pytest.raises(ValidationError):
+        settings.lease = 0.2  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "seconds"),
+    [
+        ("heartbeat_interval", timedelta(milliseconds=50), 0.05),
+        ("lease", timedelta(milliseconds=300), 0.3),
+        ("election_timeout_min", timedelta(milliseconds=600), 0.6),
+        ("election_timeout_max", timedelta(seconds=2, milliseconds=500), 2.5),
+        ("member_expiry", timedelta(minutes=1), 60.0),
+    ],
+)
+def test_durations_accept_timedelta(field: str, value: timedelta, seconds: float) -> None:
+    settings = LeaderSettings(**{field: value})
+    assert getattr(settings, field) == pytest.approx(seconds)
+    assert isinstance(getattr(settings, field), float)
+
+
+def test_durations_given_together_as_timedelta() -> None:
+    settings = LeaderSettings(
+        heartbeat_interval=timedelta(seconds=1),
+        lease=timedelta(seconds=4),
+        election_timeout_min=timedelta(seconds=5),
+        election_timeout_max=timedelta(seconds=8),
+        member_expiry=timedelta(seconds=10),
+    )
+    assert (settings.heartbeat_interval, settings.lease, settings.election_timeout_max) == (
+        1.0,
+        4.0,
+        8.0,
+    )
+
+
+@pytest.mark.parametrize(
+    "redis_url",
+    [
+        "redis://localhost:6379/0",
+        "rediss://user:pw@cache.example.com:6380/1",
+        "unix:///var/run/redis.sock",
+        "memory://",
+    ],
+)
+def test_accepted_redis_url_schemes(redis_url: str) -> None:
+    assert LeaderSettings(redis_url=redis_url).redis_url == redis_url
+
+
+@pytest.mark.parametrize(
+    "name", ["a", "A1", "billing", "web-1.eu_west", "9lives", "x" * 64, "a.-_b"]
+)
+@pytest.mark.parametrize("field", ["group", "channel_prefix", "node_id"])
+def test_accepted_names(field: str, name: str) -> None:
+    assert getattr(LeaderSettings(**{field: name}), field) == name
+
+
+# ---- invalid single values --------------------------------------------------------------------
+
+BAD_NAMES = [
+    pytest.param("", id="empty"),
+    pytest.param("x" * 65, id="too-long"),
+    pytest.param("has space", id="space"),
+    pytest.param("a:b", id="colon"),
+    pytest.param("a/b", id="slash"),
+    pytest.param("-leading-dash", id="leading-dash"),
+    pytest.param(".leading-dot", id="leading-dot"),
+    pytest.param("_leading-underscore", id="leading-underscore"),
+    pytest.param("caf\u00e9", id="non-ascii"),
+    pytest.param("a*", id="glob"),
+    pytest.param("a\nb", id="inner-newline"),
+]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+@pytest.mark.parametrize("field", ["group", "channel_prefix", "node_id"])
+def test_bad_names_are_rejected_naming_the_field(field: str, name: str) -> None:
+    text = _error_text(**{field: name})
+    assert field in text
+    assert "1 to 64 characters" in text
+
+
+@pytest.mark.parametrize("field", ["group", "channel_prefix", "node_id"])
+def test_regression_name_with_trailing_newline_is_rejected(field: str) -> None:
+    # `$` in the name pattern also matches just before a final "\n", so "billing\n" passed the
+    # check and would end up inside channel names and every message.
+    text = _error_text(**{field: "billing\n"})
+    assert field in text
+
+
+@pytest.mark.parametrize(
+    "redis_url",
+    [
+        "http://localhost:6379",
+        "https://localhost",
+        "localhost:6379",
+        "tcp://localhost:6379",
+        "",
+        "/var/run/redis.sock",
+    ],
+)
+def test_bad_redis_url_scheme_is_rejected_naming_the_field(redis_url: str) -> None:
+    text = _error_text(redis_url=redis_url)
+    assert "redis_url" in text
+    assert "scheme must be" in text
+
+
+DURATION_FIELDS = [
+    "heartbeat_interval",
+    "lease",
+    "election_timeout_min",
+    "election_timeout_max",
+    "member_expiry",
+]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(0, id="zero"),
+        pytest.param(0.0, id="zero-float"),
+        pytest.param(-1.0, id="negative"),
+        pytest.param(timedelta(0), id="zero-timedelta"),
+        pytest.param(timedelta(seconds=-1), id="negative-timedelta"),
+        pytest.param(math.inf, id="inf"),
+        pytest.param(math.nan, id="nan"),
+        pytest.param("inf", id="inf-text"),
+        pytest.param("nan", id="nan-text"),
+        pytest.param("soon", id="text"),
+    ],
+)
+@pytest.mark.parametrize("field", DURATION_FIELDS)
+def test_non_positive_or_non_finite_durations_are_rejected(field: str, value: object) -> None:
+    assert field in _error_text(**{field: value})
+
+
+@pytest.mark.parametrize("field", DURATION_FIELDS)
+def test_non_finite_duration_from_environment_is_rejected(
+    monkeypatch: pytest.MonkeyPatch, field: str
+) -> None:
+    monkeypatch.setenv(f"LEADER_{field.upper()}", "inf")
+    with pytest.raises(ValidationError) as caught:
+        LeaderSettings()
+    assert field in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("short", id="short"),
+        pytest.param("x" * 15, id="15"),
+    ],
+)
+def test_short_secret_is_rejected(secret: str) -> None:
+    text = _error_text(secret=secret)
+    assert "secret" in text
+    assert "at least 16 characters" in text
+
+
+def test_secret_of_16_characters_is_accepted() -> None:
+    secret = LeaderSettings(secret="x" * 16).secret
+    assert secret is not None
+    assert secret.get_secret_value() == "x" * 16
+
+
+@pytest.mark.parametrize(
+    "advertise_url",
+    [
+        pytest.param("10.0.0.7:8000", id="no-scheme"),
+        pytest.param("ftp://host/", id="ftp"),
+        pytest.param("http://", id="no-host"),
+        pytest.param("/leader", id="relative"),
+        pytest.param("", id="empty"),
+        pytest.param("http://h/" + "x" * 504, id="513-chars"),
+    ],
+)
+def test_bad_advertise_url_is_rejected_naming_the_field(advertise_url: str) -> None:
+    assert "advertise_url" in _error_text(advertise_url=advertise_url)
+
+
+@pytest.mark.parametrize(
+    "advertise_url",
+    ["http://10.0.0.7:8000", "https://api.example.com/", "http://h/" + "x" * 503],
+)
+def test_accepted_advertise_urls(advertise_url: str) -> None:
+    assert LeaderSettings(advertise_url=advertise_url).advertise_url == advertise_url
+
+
+# ---- timing rules -------------------------------------------------------------------------------
+
+TIMING_RULES = [
+    pytest.param(
+        {"heartbeat_interval": 0.1, "lease": 0.19},
+        ["lease (0.19)", "heartbeat_interval (0.1)", "at least 2 x"],
+        id="lease-below-two-heartbeats",
+    ),
+    pytest.param(
+        {"heartbeat_interval": 0.1, "lease": 0.45, "election_timeout_min": 0.5},
+        [
+            "lease (0.45)",
+            "election_timeout_min (0.5)",
+            "heartbeat_interval (0.1)",
+            "must not exceed",
+        ],
+        id="lease-beyond-timeout-min-minus-heartbeat",
+    ),
+    pytest.param(
+        {"lease": 1.0, "election_timeout_min": 1.0, "election_timeout_max": 2.0},
+        ["lease (1.0)", "election_timeout_min (1.0)", "heartbeat_interval (0.1)"],
+        id="lease-equal-to-timeout-min",
+    ),
+    pytest.param(
+        {"election_timeout_min": 0.7, "election_timeout_max": 0.6},
+        ["election_timeout_max (0.6)", "election_timeout_min (0.7)", "must not be below"],
+        id="max-below-min",
+    ),
+    pytest.param(
+        {"member_expiry": 0.15},
+        ["member_expiry (0.15)", "heartbeat_interval (0.1)", "at least 2 x"],
+        id="member-expiry-below-two-heartbeats",
+    ),
+    pytest.param(
+        {
+            "heartbeat_interval": timedelta(seconds=1),
+            "lease": timedelta(seconds=1),
+            "election_timeout_min": timedelta(seconds=5),
+            "election_timeout_max": timedelta(seconds=6),
+            "member_expiry": timedelta(seconds=5),
+        },
+        ["lease (1.0)", "heartbeat_interval (1.0)"],
+        id="timedelta-lease-below-two-heartbeats",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "phrases"), TIMING_RULES)
+def test_timing_rules_fail_naming_fields_and_rule(
+    overrides: dict[str, Any], phrases: list[str]
+) -> None:
+    text = _error_text(**overrides)
+    for phrase in phrases:
+        assert phrase in text
+
+
+@pytest.mark.parametrize(("overrides", "phrases"), TIMING_RULES)
+def test_timing_rules_apply_to_environment_too(
+    monkeypatch: pytest.MonkeyPatch, overrides: dict[str, Any], phrases: list[str]
+) -> None:
+    for field, value in overrides.items():
+        seconds = value.total_seconds() if isinstance(value, timedelta) else value
+        monkeypatch.setenv(f"LEADER_{field.upper()}", str(seconds))
+    with pytest.raises(ValidationError) as caught:
+        LeaderSettings()
+    for phrase in phrases:
+        assert phrase in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({}, id="defaults-lease-equals-timeout-min-minus-heartbeat"),
+        pytest.param({"heartbeat_interval": 0.1, "lease": 0.2}, id="lease-exactly-two-heartbeats"),
+        pytest.param({"member_expiry": 0.2}, id="expiry-exactly-two-heartbeats"),
+        pytest.param({"election_timeout_max": 0.5}, id="max-equals-min"),
+        pytest.param(
+            {
+                "heartbeat_interval": 2,
+                "lease": 10,
+                "election_timeout_min": 12,
+                "election_timeout_max": 20,
+                "member_expiry": 30,
+            },
+            id="slow-cluster",
+        ),
+    ],
+)
+def test_timings_on_the_boundaries_are_accepted(overrides: dict[str, Any]) -> None:
+    settings = LeaderSettings(**overrides)
+    for field, value in overrides.items():
+        assert getattr(settings, field) == value
+
+
+# ---- secrets never leak ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "redis_url",
+    [
+        f"redis://:{PASSWORD}@cache.internal:6379/0",
+        f"redis://app:{PASSWORD}@cache.internal:6379/0",
+        f"rediss://app:{PASSWORD}@cache.internal/0",
+    ],
+)
+def test_password_never_in_repr_or_str(redis_url: str) -> None:
+    settings = LeaderSettings(redis_url=redis_url, secret=SECRET)
+    for text in (repr(settings), str(settings)):
+        assert not _leaks(PASSWORD, text)
+        assert not _leaks(SECRET, text)
+    assert settings.redis_url == redis_url  # still usable
+
+
+@pytest.mark.parametrize(
+    ("redis_url", "redacted"),
+    [
+        (f"redis://:{PASSWORD}@cache.internal:6379/0", "redis://:***@cache.internal:6379/0"),
+        (
+            f"redis://app:{PASSWORD}@cache.internal:6379/0",
+            "redis://app:***@cache.internal:6379/0",
+        ),
+        (f"rediss://app:{PASSWORD}@cache.internal/2", "rediss://app:***@cache.internal/2"),
+        (f"redis://:{PASSWORD}@10.0.0.5:6380", "redis://:***@10.0.0.5:6380"),
+        ("redis://cache.internal:6379/0", "redis://cache.internal:6379/0"),
+        ("redis://app@cache.internal:6379/0", "redis://app@cache.internal:6379/0"),
+        ("unix:///var/run/redis.sock", "unix:///var/run/redis.sock"),
+    ],
+)
+def test_redis_url_redacted_masks_the_password(redis_url: str, redacted: str) -> None:
+    settings = LeaderSettings(redis_url=redis_url)
+    assert settings.redis_url_redacted == redacted
+    assert PASSWORD not in settings.redis_url_redacted
+
+
+def test_regression_redis_url_redacted_keeps_ipv6_brackets() -> None:
+    # urlsplit().hostname strips the brackets of an IPv6 literal; rebuilding the netloc from it
+    # gave "redis://:***@::1:6379/0", which is no longer a URL of the same server.
+    settings = LeaderSettings(redis_url=f"redis://:{PASSWORD}@[::1]:6379/0")
+    assert settings.redis_url_redacted == "redis://:***@[::1]:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "secret"),
+    [
+        pytest.param(
+            {"redis_url": "redis://:0xC0FFEE@h", "lease": 5}, "0xC0FFEE", id="timing-password"
+        ),
+        pytest.param({"secret": SECRET, "lease": 5}, SECRET, id="timing-secret"),
+        pytest.param(
+            {"redis_url": f"http://app:{PASSWORD}@cache.internal:6379/0"},
+            PASSWORD,
+            id="scheme-error-password",
+        ),
+    ],
+)
+def test_regression_validation_error_does_not_echo_password_or_secret(
+    kwargs: dict[str, Any], secret: str
+) -> None:
+    # A configuration error is logged at startup; pydantic's message includes the input value
+    # (for the timing rules, the whole input dict) unless the model hides it.
+    assert not _leaks(secret, _error_text(**kwargs))
