@@ -124,6 +124,7 @@ class LeaderElection:
                 f"transport names {transport.names} do not match the settings {self.names}"
             )
         self._transport = transport
+        self._owns_transport = transport is None
         self._scheduler = scheduler
         self._owns_scheduler = scheduler is None
         self.callback_timeout = callback_timeout
@@ -157,6 +158,7 @@ class LeaderElection:
         self._timer: Job | None = None
         self._timer_at: float | None = None
         self._changed = asyncio.Event()
+        self._held: list[Command] | None = None  # commands held back during a handover
 
     def _new_core(self) -> Election:
         return Election(
@@ -350,6 +352,10 @@ class LeaderElection:
                 await self._start()
             except BaseException:
                 await self._teardown()
+                if self._owns_transport:
+                    # _teardown closed it, and a closed transport cannot start again: a retry
+                    # would fail with "the transport is closed". Build a fresh one then.
+                    self._transport = None
                 self._state = "new"
                 self._core = self._new_core()
                 raise
@@ -476,11 +482,26 @@ class LeaderElection:
         returns. Bounded by the callback timeout and the transport's command timeout."""
         events = [o for o in outputs if not isinstance(o, _COMMANDS)]
         commands = [o for o in outputs if isinstance(o, _COMMANDS)]
-        self._apply(events)
-        if self._events is not None:
-            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                await asyncio.wait_for(self._events.join(), self.callback_timeout)
+        # While the callbacks run, the core goes on (a presence beat, a vote) and its messages
+        # carry later sequence numbers than the handover's: were they sent first, every node
+        # would drop the handover as a replay, and the group would wait out an election
+        # timeout. Hold them back until this handover's commands are queued.
+        # (Nested in another handover, it holds nothing itself: its commands join the outer
+        # one's held list, behind the outer one's own.)
+        outer = self._held is None
+        if outer:
+            self._held = []
+        try:
+            self._apply(events)
+            if self._events is not None:
+                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                    await asyncio.wait_for(self._events.join(), self.callback_timeout)
+        finally:
+            held: list[Command] = []
+            if outer:
+                held, self._held = self._held or [], None
         self._apply(commands)
+        self._apply(held)
         if self._outbox is not None:
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._outbox.join(), self.callback_timeout)
@@ -490,6 +511,12 @@ class LeaderElection:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
+            # Cancel again until it ends: before Python 3.12, asyncio.wait_for swallows a
+            # cancellation that lands as its inner call completes (the sender's commands run
+            # in one), and the task then waits on its queue for ever, and stop() with it.
+            while not task.done():
+                await asyncio.wait([task], timeout=1.0)
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
@@ -520,10 +547,12 @@ class LeaderElection:
             self.counters[f"dropped_{exc.reason.value}"] += 1
             log.debug("node %s dropped a message: %s", self.node_id, exc)
             return
-        replays = self._core.dropped.get("replay", 0)
+        # The core drops replays and out-of-range terms itself: count those too, by reason.
+        dropped = dict(self._core.dropped)
         self._apply(self._core.receive(message, time.monotonic()))
-        if self._core.dropped.get("replay", 0) != replays:
-            self.counters["dropped_replay"] += 1
+        for reason, count in self._core.dropped.items():
+            if count != dropped.get(reason, 0):
+                self.counters[f"dropped_{reason}"] += count - dropped.get(reason, 0)
 
     def connection_lost(self) -> None:
         """Transport callback: the subscription broke."""
@@ -565,7 +594,9 @@ class LeaderElection:
         changed = False
         for output in outputs:
             if isinstance(output, _COMMANDS):
-                if self._outbox is not None:
+                if self._held is not None:
+                    self._held.append(output)  # see _in_order
+                elif self._outbox is not None:
                     self._outbox.put_nowait(output)
                 continue
             changed = True
