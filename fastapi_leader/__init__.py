@@ -8,21 +8,47 @@ guard such writes with the fencing token.
 """
 
 from .core import MemberInfo, Role, Status
+from .integration import (
+    LEADER_ONLY_RESPONSES,
+    LeaderElectionDep,
+    LeaderStatus,
+    LeaderStatusDep,
+    MemberStatus,
+    NotLeader,
+    get_election,
+    leader_lifespan,
+    leader_only,
+    leader_router,
+    leader_status,
+    require_leader,
+)
 from .messages import RejectReason
 from .service import LeaderElection, NotStarted
 from .settings import LeaderSettings
 from .transport import BrokerUnavailable, MemoryBroker, MemoryTransport, RedisTransport
 
 __all__ = [
+    "LEADER_ONLY_RESPONSES",
     "BrokerUnavailable",
     "LeaderElection",
+    "LeaderElectionDep",
     "LeaderSettings",
+    "LeaderStatus",
+    "LeaderStatusDep",
     "MemberInfo",
+    "MemberStatus",
     "MemoryBroker",
     "MemoryTransport",
+    "NotLeader",
     "NotStarted",
     "RedisTransport",
     "RejectReason",
     "Role",
     "Status",
+    "get_election",
+    "leader_lifespan",
+    "leader_only",
+    "leader_router",
+    "leader_status",
+    "require_leader",
 ]
