@@ -35,3 +35,18 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict over the library (the test deps are installed so their types are seen)."""
     session.install("-e", ".[test]", "mypy")
     session.run("mypy", "--strict", "fastapi_leader")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The local cluster demo (`uvx nox -s demo -- --nodes 5 --port 9000`); Ctrl-C stops it."""
+    session.install("-e", ".[demo]")
+    session.run("python", "-m", "example_app", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks with real processes (`uvx nox -s bench -- --quick`, ~5 min; without --quick
+    the full run takes hours): prints a markdown report, writes JSON to benchmarks/results/."""
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "benchmarks", *session.posargs)
