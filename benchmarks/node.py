@@ -1,0 +1,452 @@
+"""One benchmark process: hosts election nodes and reports every change as a JSON line.
+
+The harness starts this script (``python -m benchmarks.node --impl ours --redis-url ...``) and
+steers it through stdin, one command a line:
+
+- ``start GROUP COUNT LABEL``: start COUNT nodes (ids ``LABEL-0`` ...) in GROUP, concurrently;
+- ``stop``: stop them all gracefully (the process stays, for the next ``start``);
+- ``churn GROUP SIZE PERIOD LABEL``: keep SIZE nodes in GROUP; every PERIOD seconds a node with
+  a fresh id joins and the oldest leaves (the memory scenario);
+- ``stats``: one ``stats`` line per node (commands it sent, by kind and role, table sizes);
+- ``exit``: stop everything and exit.
+
+SIGTERM stops every node gracefully (``await election.stop()`` for ours), then exits; so does
+the end of stdin (the harness died). With ``--app`` the process instead serves a FastAPI app
+under uvicorn (the memory scenario's measured node; ``--impl none`` is the bare app).
+
+Every stdout line is one JSON object written with a single ``write()`` (atomic on a pipe, even
+from tooz's threads): ``{"t": <time.monotonic()>, "pid": ..., "ev": ..., "node": ...}``. On
+Linux the monotonic clock is system-wide, so the harness compares ``t`` across processes. Events:
+``armed`` (imports done), ``joined``, ``elected`` (with ``lease_end``: the node's own reading of
+when its leadership ends, ``null`` when the implementation cannot tell), ``lease`` (a renewal:
+the new ``lease_end``), ``demoted``, ``leader`` (the leader this node knows, for implementations
+whose followers know it), ``left``, ``stats``, ``serving``, ``error``.
+
+Our ``lease`` lines come from a :class:`RedisTransport` subclass: right after an acquire or renew
+returns, a ``call_soon`` callback reads :meth:`LeaderElection.status` (the runtime applies the
+result synchronously first), so every extension of the lease is reported, and the reported end
+is read a few microseconds *after* the runtime's own, never before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+PID = os.getpid()
+
+# The profiles the benchmark compares, by name; flags override single fields.
+PROFILES: dict[str, dict[str, float]] = {
+    "default": {},  # LeaderSettings' own defaults
+    "fast": {
+        "heartbeat_interval": 0.05,
+        "lease": 0.2,
+        "election_timeout_min": 0.25,
+        "election_timeout_max": 0.375,
+        "member_expiry": 0.5,
+    },
+}
+
+
+def emit(ev: str, node: str | None = None, t: float | None = None, **data: Any) -> None:
+    """Write one event line. ``t`` defaults to now (``time.monotonic()``)."""
+    record: dict[str, Any] = {"t": time.monotonic() if t is None else t, "pid": PID, "ev": ev}
+    if node is not None:
+        record["node"] = node
+    record.update(data)
+    line = json.dumps(record, separators=(",", ":")) + "\n"
+    with contextlib.suppress(BrokenPipeError):
+        os.write(1, line.encode())
+
+
+class BenchNode(Protocol):
+    """What the process needs of a node, whichever implementation it runs."""
+
+    node_id: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+NodeFactory = Callable[[str, str], BenchNode]
+
+
+# ---- ours --------------------------------------------------------------------------------------
+
+
+def our_factory(args: argparse.Namespace) -> NodeFactory:
+    from fastapi_leader import LeaderElection, LeaderSettings, RedisTransport
+    from fastapi_leader.transport import Names
+
+    timings = {**PROFILES[args.profile], **_timing_overrides(args)}
+
+    class ReportingTransport(RedisTransport):
+        """Counts the commands its node sends and reports each lease extension."""
+
+        def __init__(self, node: OurNode, url: str, names: Names, command_timeout: float):
+            super().__init__(url, names, command_timeout=command_timeout)
+            self._node = node
+
+        async def publish(self, data: bytes, to: str | None = None) -> None:
+            self._node.count("publish" if to is None else "publish_to_node")
+            await super().publish(data, to)
+
+        async def allocate_term(self, floor: int) -> int:
+            self._node.count("allocate_term")
+            return await super().allocate_term(floor)
+
+        async def acquire(self, term: int, ttl: float, announce: bytes) -> bool:
+            self._node.count("acquire")
+            acquired = await super().acquire(term, ttl, announce)
+            if acquired:
+                # Read before the runtime applies the answer: a conservative start of validity.
+                returned_at = time.monotonic()
+                asyncio.get_running_loop().call_soon(self._node.report_lease, returned_at)
+            return acquired
+
+        async def renew(self, term: int, ttl: float, announce: bytes) -> bool:
+            self._node.count("renew")
+            renewed = await super().renew(term, ttl, announce)
+            if renewed:
+                asyncio.get_running_loop().call_soon(self._node.report_lease, None)
+            return renewed
+
+        async def release(self, term: int, announce: bytes | None) -> bool:
+            self._node.count("release")
+            return await super().release(term, announce)
+
+    class OurNode:
+        def __init__(self, group: str, node_id: str) -> None:
+            self.node_id = node_id
+            settings = LeaderSettings(
+                redis_url=args.redis_url, group=group, node_id=node_id, **timings
+            )
+            self.commands: Counter[str] = Counter()
+            names = Names(settings.channel_prefix, group, node_id)
+            # The same command timeout as LeaderElection picks for its own RedisTransport.
+            transport = ReportingTransport(self, args.redis_url, names, max(settings.lease, 0.25))
+            self.election = LeaderElection(settings, transport=transport)
+            self.election.on_elected(self._elected)
+            self.election.on_demoted(self._demoted)
+            self.election.on_leader_change(self._leader_changed)
+            self._last_lease_end: float | None = None
+
+        def count(self, kind: str) -> None:
+            role = "leader" if self.election.is_leader else "follower"
+            self.commands[f"{role}:{kind}"] += 1
+
+        def _lease_end(self) -> float | None:
+            status = self.election.status()
+            after = time.monotonic()  # read after status(): the end is never under-reported
+            if status.lease_remaining is None:
+                return None
+            return after + status.lease_remaining
+
+        def report_lease(self, acquired_at: float | None) -> None:
+            lease_end = self._lease_end()
+            if lease_end is None:
+                return
+            if acquired_at is not None:
+                emit("lease", self.node_id, t=acquired_at, lease_end=lease_end, acquired=True)
+            elif self._last_lease_end is None or lease_end > self._last_lease_end:
+                emit("lease", self.node_id, lease_end=lease_end)
+            self._last_lease_end = lease_end
+
+        def _elected(self, token: int) -> None:
+            emit("elected", self.node_id, token=token, lease_end=self._lease_end())
+
+        def _demoted(self) -> None:
+            self._last_lease_end = None
+            emit("demoted", self.node_id)
+
+        def _leader_changed(self, leader_id: str | None) -> None:
+            emit("leader", self.node_id, leader=leader_id)
+
+        async def start(self) -> None:
+            await self.election.start()
+
+        async def stop(self) -> None:
+            await self.election.stop()
+
+        def stats(self) -> dict[str, Any]:
+            status = self.election.status()
+            return {
+                "role": "leader" if status.is_leader else "follower",
+                "commands": dict(self.commands),
+                "members": len(status.members),
+                "counters": dict(self.election.counters),
+            }
+
+    return OurNode
+
+
+def _timing_overrides(args: argparse.Namespace) -> dict[str, float]:
+    fields = {
+        "heartbeat_interval": args.heartbeat,
+        "lease": args.lease,
+        "election_timeout_min": args.timeout_min,
+        "election_timeout_max": args.timeout_max,
+        "member_expiry": args.member_expiry,
+    }
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def make_factory(args: argparse.Namespace) -> NodeFactory:
+    if args.impl == "ours":
+        return our_factory(args)
+    from . import peers
+
+    if args.impl == "tooz":
+        return peers.tooz_factory(args, emit)
+    if args.impl == "leaselock":
+        return peers.leaselock_factory(args, emit)
+    raise SystemExit(f"unknown --impl {args.impl!r}")
+
+
+# ---- the process -------------------------------------------------------------------------------
+
+
+class Host:
+    """The nodes of this process and the commands that steer them."""
+
+    def __init__(self, factory: NodeFactory) -> None:
+        self.factory = factory
+        self.nodes: list[BenchNode] = []
+        self.churn: asyncio.Task[None] | None = None
+        self.exiting = asyncio.Event()
+
+    async def start(self, group: str, count: int, label: str) -> None:
+        new = [self.factory(group, f"{label}-{i}") for i in range(count)]
+        self.nodes.extend(new)
+        await asyncio.gather(*(self._start_one(node) for node in new))
+
+    async def _start_one(self, node: BenchNode) -> None:
+        try:
+            await node.start()
+        except Exception as exc:
+            emit("error", node.node_id, error=f"start: {exc!r}")
+            raise
+        emit("joined", node.node_id)
+
+    async def stop(self) -> None:
+        if self.churn is not None:
+            self.churn.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.churn
+            self.churn = None
+        nodes, self.nodes = self.nodes, []
+        await asyncio.gather(*(self._stop_one(node) for node in nodes))
+
+    async def _stop_one(self, node: BenchNode) -> None:
+        try:
+            await node.stop()
+        except Exception as exc:
+            emit("error", node.node_id, error=f"stop: {exc!r}")
+        emit("left", node.node_id)
+
+    async def churn_forever(self, group: str, size: int, period: float, label: str) -> None:
+        """Keep ``size`` nodes; every ``period`` one with a fresh id joins and the oldest
+        leaves. Quiet: only errors and a count every 10 turns are reported."""
+        live: deque[BenchNode] = deque()
+        turn = 0
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        try:
+            while True:
+                node = self.factory(group, f"{label}-{turn}")
+                try:
+                    await node.start()
+                except Exception as exc:
+                    emit("error", node.node_id, error=f"churn start: {exc!r}")
+                else:
+                    live.append(node)
+                if len(live) > size:
+                    old = live.popleft()
+                    try:
+                        await old.stop()
+                    except Exception as exc:
+                        emit("error", old.node_id, error=f"churn stop: {exc!r}")
+                turn += 1
+                if turn % 10 == 0:
+                    emit("churned", turns=turn)
+                next_at += period
+                await asyncio.sleep(max(0.0, next_at - loop.time()))
+        finally:
+            await asyncio.gather(*(n.stop() for n in live), return_exceptions=True)
+
+    def stats(self) -> None:
+        for node in self.nodes:
+            emit("stats", node.node_id, **node.stats())
+
+    async def handle(self, line: str) -> None:
+        words = line.split()
+        if not words:
+            return
+        command, rest = words[0], words[1:]
+        try:
+            if command == "start":
+                group, count, label = rest
+                await self.start(group, int(count), label)
+            elif command == "stop":
+                await self.stop()
+                emit("stopped")
+            elif command == "churn":
+                group, size, period, label = rest
+                self.churn = asyncio.create_task(
+                    self.churn_forever(group, int(size), float(period), label)
+                )
+            elif command == "stats":
+                self.stats()
+            elif command == "exit":
+                self.exiting.set()
+            else:
+                emit("error", error=f"unknown command {line!r}")
+        except Exception as exc:
+            emit("error", error=f"{command}: {exc!r}")
+
+
+async def read_commands(host: Host) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    pending: set[asyncio.Task[None]] = set()
+    while True:
+        line = await reader.readline()
+        if not line:
+            host.exiting.set()  # the harness is gone
+            return
+        # Commands run concurrently (a `stats` during a slow `start` is answered at once).
+        task = asyncio.create_task(host.handle(line.decode()))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+
+async def run_nodes(args: argparse.Namespace) -> None:
+    host = Host(make_factory(args))
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, host.exiting.set)
+    reader = asyncio.create_task(read_commands(host))
+    emit("armed", impl=args.impl)
+    try:
+        await host.exiting.wait()
+        emit("stopping")
+    finally:
+        reader.cancel()
+        await host.stop()
+        emit("exited")
+
+
+# ---- the FastAPI app (memory scenario) ---------------------------------------------------------
+
+
+async def run_app(args: argparse.Namespace) -> None:
+    """Serve a small FastAPI app; with an implementation, one node runs in its lifespan."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    factory = None if args.impl == "none" else make_factory(args)
+    nodes: list[BenchNode] = []
+    clients: list[Any] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        if factory is not None:
+            node = factory(args.group, args.node_id)
+            await node.start()
+            nodes.append(node)
+            emit("joined", node.node_id)
+        if args.with_redis:
+            from redis.asyncio import Redis
+
+            client = Redis.from_url(args.redis_url)
+            await client.ping()
+            clients.append(client)
+        emit("serving")  # uvicorn binds its socket right after the lifespan's startup
+        try:
+            yield
+        finally:
+            for node in nodes:
+                await node.stop()
+                emit("left", node.node_id)
+            for client in clients:
+                await client.aclose()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/")
+    async def root() -> dict[str, bool]:
+        return {"ok": True}
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+
+    async def answer_stats() -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while line := await reader.readline():
+            if line.strip() == b"stats":
+                for node in nodes:
+                    emit("stats", node.node_id, **node.stats())
+        server.should_exit = True  # the harness is gone
+
+    steering = asyncio.create_task(answer_stats())
+    try:
+        await serving  # uvicorn handles SIGTERM: lifespan shutdown stops the node
+    finally:
+        steering.cancel()
+    emit("exited")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.node", description=__doc__)
+    parser.add_argument("--impl", choices=["ours", "tooz", "leaselock", "none"], default="ours")
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("LEADER_REDIS_URL"), help="default: LEADER_REDIS_URL"
+    )
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    for flag in ("heartbeat", "lease", "timeout-min", "timeout-max", "member-expiry"):
+        parser.add_argument(f"--{flag}", type=float, help="ours: override the profile (seconds)")
+    parser.add_argument("--tooz-timeout", type=int, default=30, help="tooz: timeout= (whole s)")
+    parser.add_argument(
+        "--tooz-poll", type=float, default=1.0, help="tooz: seconds between run_watchers() calls"
+    )
+    parser.add_argument("--ttl", type=float, default=15.0, help="leaselock: PX of the key (s)")
+    parser.add_argument("--renew", type=float, default=10.0, help="leaselock: renew period (s)")
+    parser.add_argument("--retry", type=float, default=2.0, help="leaselock: retry period (s)")
+    parser.add_argument("--app", action="store_true", help="serve a FastAPI app (one node)")
+    parser.add_argument(
+        "--with-redis", action="store_true", help="--app: also open a redis-py client"
+    )
+    parser.add_argument("--group", default="bench", help="--app: the node's group")
+    parser.add_argument("--node-id", default=f"app-{PID}", help="--app: the node's id")
+    args = parser.parse_args(argv)
+    if (args.impl != "none" or args.with_redis) and not args.redis_url:
+        parser.error("--redis-url (or LEADER_REDIS_URL) is required")
+    if args.impl == "none" and not args.app:
+        parser.error("--impl none is only meaningful with --app")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    asyncio.run(run_app(args) if args.app else run_nodes(args))
+
+
+if __name__ == "__main__":
+    main()
