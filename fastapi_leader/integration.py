@@ -392,15 +392,17 @@ def leader_lifespan(
         settings: settings for that election; by default read from ``LEADER_*`` variables
             (at startup). Give ``election`` or ``settings``, not both.
         lifespan: the app's own lifespan, run inside this one: its startup sees a started
-            election, and it exits before the election stops.
+            election, and its shutdown runs after the election has stopped.
 
     On startup: starts the election (a :class:`~fastapi_leader.BrokerUnavailable` propagates,
     so the app fails to start, loudly), stores it as ``app.state.leader_election``, makes it the
     process's election for plain functions under :func:`leader_only`, documents the 503 of
     every route that depends on :func:`require_leader`, then enters ``lifespan``. It yields the
     state ``{"leader_election": election}`` merged with the inner lifespan's state (so
-    ``request.state`` sees both; our key wins a clash). On shutdown: the inner lifespan exits,
-    then :meth:`LeaderElection.stop` stops leader work, hands the leadership over and leaves.
+    ``request.state`` sees both; our key wins a clash). On shutdown:
+    :meth:`LeaderElection.stop` stops leader work (running leader-only jobs are cancelled and
+    awaited), hands the leadership over and leaves the group, and then the inner lifespan
+    exits, so leader work never runs on into resources the app's lifespan has closed.
 
     Composing: ``FastAPI(lifespan=leader_lifespan(election, lifespan=my_lifespan))``; or nest
     it inside your own lifespan::
@@ -426,7 +428,12 @@ def leader_lifespan(
                 yield {_STATE_KEY: node}
             else:
                 async with lifespan(app) as inner_state:
-                    yield {**(inner_state or {}), _STATE_KEY: node}
+                    try:
+                        yield {**(inner_state or {}), _STATE_KEY: node}
+                    finally:
+                        # Leader work (jobs, on_elected tasks) uses what the app's lifespan
+                        # opened: stop it, and hand over, before that lifespan closes them.
+                        await node.stop()
         finally:
             _running.remove(node)
             if getattr(app.state, _STATE_KEY, None) is node:

@@ -18,6 +18,7 @@ import inspect
 import logging
 import random
 import time
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta, timezone
@@ -154,6 +155,8 @@ class LeaderElection:
         self._events: asyncio.Queue[Event] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._leader_work: set[asyncio.Task[Any]] = set()
+        # Leader work we cancelled, as opposed to work whose caller was cancelled.
+        self._revoked: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self._jobs: list[Job] = []
         self._timer: Job | None = None
         self._timer_at: float | None = None
@@ -204,7 +207,22 @@ class LeaderElection:
                 if not self.is_leader:
                     log.debug("node %s: skipped %s: not the leader", self.node_id, name)
                     return None
-                return await func(*args, **kwargs)
+                # A call that outlives the leadership is leader work like an async on_elected:
+                # cancelled when the leadership ends, and awaited before on_demoted and the
+                # handover, so a job never writes on after a successor has taken over, nor
+                # past the lifespan's shutdown into resources already closed.
+                task = asyncio.create_task(
+                    func(*args, **kwargs), name=f"fastapi-leader leader work {name}"
+                )
+                self._leader_work.add(task)
+                task.add_done_callback(self._leader_work.discard)
+                try:
+                    return await task
+                except asyncio.CancelledError:
+                    if task in self._revoked:
+                        log.info("node %s: %s cancelled: leadership ended", self.node_id, name)
+                        return None
+                    raise
 
             return guarded_async  # type: ignore[return-value]
 
@@ -686,6 +704,7 @@ class LeaderElection:
 
     def _cancel_leader_work(self) -> None:
         for task in self._leader_work:
+            self._revoked.add(task)
             task.cancel()
 
     async def _dispatch_forever(self) -> None:

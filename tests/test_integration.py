@@ -254,9 +254,41 @@ async def test_a_composed_lifespan_runs_inside_the_election(group: str) -> None:
     assert log == [
         "inner startup, election running: True",
         "serving",
-        "inner shutdown, election running: True",  # the inner lifespan exits first
+        # The election stops (leader work, handover) while the app's resources are still open.
+        "inner shutdown, election running: False",
         "after shutdown, election running: False",
     ]
+
+
+async def test_shutdown_cancels_a_running_leader_job_before_the_apps_lifespan_closes(
+    group: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    election = LeaderElection(settings_for(group, "a"))
+    log: list[str] = []
+    job_started = asyncio.Event()
+
+    @election.scheduled_job("interval", seconds=0.05)
+    async def long_job() -> None:
+        job_started.set()
+        try:
+            await asyncio.Event().wait()  # a job still running when shutdown begins
+        except asyncio.CancelledError:
+            log.append(f"job cancelled, resource open: {'closed' not in log}")
+            raise
+
+    @contextlib.asynccontextmanager
+    async def resource(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        log.append("closed")
+
+    app = FastAPI(lifespan=leader_lifespan(election, lifespan=resource))
+    with caplog.at_level(logging.INFO, logger="fastapi_leader"):
+        async with serve(app):
+            await election.wait_until_leader(timeout=WAIT)
+            await asyncio.wait_for(job_started.wait(), WAIT)
+    assert log == ["job cancelled, resource open: True", "closed"]
+    assert "long_job cancelled: leadership ended" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_the_lifespan_nests_inside_the_apps_own_lifespan(group: str) -> None:
