@@ -8,6 +8,7 @@ guard such writes with the fencing token.
 """
 
 from .core import MemberInfo, Role, Status
+from .fencing import Fence, FencedScript, StaleToken
 from .integration import (
     LEADER_ONLY_RESPONSES,
     LeaderElectionDep,
@@ -30,6 +31,8 @@ from .transport import BrokerUnavailable, MemoryBroker, MemoryTransport, RedisTr
 __all__ = [
     "LEADER_ONLY_RESPONSES",
     "BrokerUnavailable",
+    "Fence",
+    "FencedScript",
     "LeaderElection",
     "LeaderElectionDep",
     "LeaderSettings",
@@ -44,6 +47,7 @@ __all__ = [
     "RedisTransport",
     "RejectReason",
     "Role",
+    "StaleToken",
     "Status",
     "get_election",
     "leader_lifespan",
