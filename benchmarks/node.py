@@ -23,9 +23,9 @@ the new ``lease_end``), ``demoted``, ``leader`` (the leader this node knows, for
 whose followers know it), ``left``, ``stats``, ``serving``, ``error``.
 
 Our ``lease`` lines come from a :class:`RedisTransport` subclass: right after an acquire or renew
-returns, a ``call_soon`` callback reads :meth:`LeaderElection.status` (the runtime applies the
-result synchronously first), so every extension of the lease is reported, and the reported end
-is read a few microseconds *after* the runtime's own, never before it.
+returns, a ``call_soon`` callback reads ``LeaderElection.status().lease_expires_at`` (the runtime
+applies the result synchronously first), so every extension of the lease is reported, with the
+end the node itself reads its leadership against (``time.monotonic()`` seconds).
 """
 
 from __future__ import annotations
@@ -46,16 +46,16 @@ from typing import Any, Protocol
 PID = os.getpid()
 
 # The profiles the benchmark compares, by name; flags override single fields.
-PROFILES: dict[str, dict[str, float]] = {
-    "default": {},  # LeaderSettings' own defaults
-    "fast": {
-        "heartbeat_interval": 0.05,
-        "lease": 0.2,
-        "election_timeout_min": 0.25,
-        "election_timeout_max": 0.375,
-        "member_expiry": 0.5,
-    },
-}
+PROFILES = ("default", "fast")
+
+
+def profile_timings(name: str) -> dict[str, float]:
+    """The timings of a profile: ``default`` is LeaderSettings' own defaults, ``fast`` what
+    ``LeaderSettings.fast()`` uses. Imported only here, so that the bare app and the peers'
+    processes never load this library."""
+    from fastapi_leader import LeaderSettings
+
+    return dict(LeaderSettings.FAST_PROFILE) if name == "fast" else {}
 
 
 def emit(ev: str, node: str | None = None, t: float | None = None, **data: Any) -> None:
@@ -91,7 +91,7 @@ def our_factory(args: argparse.Namespace) -> NodeFactory:
     from fastapi_leader import LeaderElection, LeaderSettings, RedisTransport
     from fastapi_leader.transport import Names
 
-    timings = {**PROFILES[args.profile], **_timing_overrides(args)}
+    timings = {**profile_timings(args.profile), **_timing_overrides(args)}
 
     class ReportingTransport(RedisTransport):
         """Counts the commands its node sends and reports each lease extension."""
@@ -149,11 +149,7 @@ def our_factory(args: argparse.Namespace) -> NodeFactory:
             self.commands[f"{role}:{kind}"] += 1
 
         def _lease_end(self) -> float | None:
-            status = self.election.status()
-            after = time.monotonic()  # read after status(): the end is never under-reported
-            if status.lease_remaining is None:
-                return None
-            return after + status.lease_remaining
+            return self.election.status().lease_expires_at
 
         def report_lease(self, acquired_at: float | None) -> None:
             lease_end = self._lease_end()
@@ -418,7 +414,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--redis-url", default=os.environ.get("LEADER_REDIS_URL"), help="default: LEADER_REDIS_URL"
     )
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    parser.add_argument("--profile", choices=PROFILES, default="default")
     for flag in ("heartbeat", "lease", "timeout-min", "timeout-max", "member-expiry"):
         parser.add_argument(f"--{flag}", type=float, help="ours: override the profile (seconds)")
     parser.add_argument("--tooz-timeout", type=int, default=30, help="tooz: timeout= (whole s)")

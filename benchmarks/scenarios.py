@@ -114,28 +114,6 @@ def _ms(seconds: float) -> float:
     return seconds * 1000.0
 
 
-async def _lanes(ctx: Ctx, trials: int, lane: Callable[[int, int], Awaitable[None]]) -> int:
-    """Run ``trials`` in parallel lanes (separate groups) for slow implementations, whose
-    trials wait tens of seconds for a TTL; one lane otherwise. Returns the lane count."""
-    count = min(ctx.cfg.lanes, trials) if ctx.impl.slow else 1
-    shares = [trials // count + (1 if i < trials % count else 0) for i in range(count)]
-    await asyncio.gather(*(lane(i, share) for i, share in enumerate(shares) if share))
-    return count
-
-
-def _changes(events: list[Any], leader: str, old_nodes: set[str]) -> int:
-    """Leader changes in ``events``: elections, demotions, and old nodes naming another
-    leader than ``leader``."""
-    count = 0
-    for e in events:
-        if e.ev in ("elected", "demoted"):
-            count += 1
-            continue
-        if e.ev == "leader" and e.node in old_nodes and e.data.get("leader") != leader:
-            count += 1
-    return count
-
-
 # ---- running trials ----------------------------------------------------------------------------
 
 

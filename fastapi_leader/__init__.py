@@ -26,7 +26,13 @@ from .integration import (
 from .messages import RejectReason
 from .service import LeaderElection, NotStarted
 from .settings import LeaderSettings
-from .transport import BrokerUnavailable, MemoryBroker, MemoryTransport, RedisTransport
+from .transport import (
+    BrokerUnavailable,
+    MemoryBroker,
+    MemoryTransport,
+    RedisTransport,
+    acl_rule,
+)
 
 __all__ = [
     "LEADER_ONLY_RESPONSES",
@@ -49,6 +55,7 @@ __all__ = [
     "Role",
     "StaleToken",
     "Status",
+    "acl_rule",
     "get_election",
     "leader_lifespan",
     "leader_only",

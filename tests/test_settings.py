@@ -13,9 +13,11 @@ import pytest
 from pydantic import ValidationError
 
 from fastapi_leader.settings import LeaderSettings
+from tests.certs import KEY_PASSWORD, Certificates, make_certificates
 
 PASSWORD = "hunter2-Sw0rdfish"
 SECRET = "0123456789abcdef-top-secret"
+OLD_SECRET = "fedcba9876543210-old-secret"
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +57,14 @@ def _error_text(**kwargs: Any) -> str:
         ("election_timeout_max", 0.75),
         ("member_expiry", 1.0),
         ("secret", None),
+        ("previous_secret", None),
         ("advertise_url", None),
+        ("ssl_ca_certs", None),
+        ("ssl_certfile", None),
+        ("ssl_keyfile", None),
+        ("ssl_keyfile_password", None),
+        ("ssl_cert_reqs", "required"),
+        ("ssl_check_hostname", True),
     ],
 )
 def test_defaults(field: str, expected: object) -> None:
@@ -489,3 +498,179 @@ def test_regression_validation_error_does_not_echo_password_or_secret(
     # A configuration error is logged at startup; pydantic's message includes the input value
     # (for the timing rules, the whole input dict) unless the model hides it.
     assert not _leaks(secret, _error_text(**kwargs))
+
+
+# ---- key rotation: previous_secret ----------------------------------------------------------
+
+
+def test_previous_secret_is_read_from_the_environment_and_follows_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LEADER_SECRET", SECRET)
+    monkeypatch.setenv("LEADER_PREVIOUS_SECRET", OLD_SECRET)
+    settings = LeaderSettings()
+    assert settings.message_keys == [SECRET.encode(), OLD_SECRET.encode()]
+    for text in (repr(settings), str(settings)):
+        assert not _leaks(OLD_SECRET, text)
+
+
+def test_message_keys_without_and_with_a_secret() -> None:
+    assert LeaderSettings().message_keys == []
+    assert LeaderSettings(secret=SECRET).message_keys == [SECRET.encode()]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        pytest.param({"previous_secret": OLD_SECRET}, "secret is not", id="without-secret"),
+        pytest.param({"secret": SECRET, "previous_secret": "short"}, "at least 16", id="short"),
+        pytest.param(
+            {"secret": SECRET, "previous_secret": SECRET}, "must differ", id="same-as-secret"
+        ),
+    ],
+)
+def test_bad_previous_secret_is_rejected_naming_the_field(
+    kwargs: dict[str, Any], expected: str
+) -> None:
+    text = _error_text(**kwargs)
+    assert "previous_secret" in text
+    assert expected in text
+    assert not _leaks(SECRET, text)
+    assert not _leaks(OLD_SECRET, text)
+
+
+# ---- TLS ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+def test_tls_files_become_redis_py_options(certificates: Certificates) -> None:
+    settings = LeaderSettings(
+        redis_url="rediss://cache.internal:6380/0",
+        ssl_ca_certs=certificates.ca,
+        ssl_certfile=certificates.client_cert,
+        ssl_keyfile=certificates.client_key_encrypted,
+        ssl_keyfile_password=KEY_PASSWORD,
+    )
+    assert settings.redis_ssl_options == {
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": True,
+        "ssl_ca_certs": str(certificates.ca),
+        "ssl_certfile": str(certificates.client_cert),
+        "ssl_keyfile": str(certificates.client_key_encrypted),
+        "ssl_password": KEY_PASSWORD,
+    }
+    for text in (repr(settings), str(settings)):
+        assert not _leaks(KEY_PASSWORD, text)
+
+
+def test_tls_options_of_a_plain_rediss_url_verify_the_server() -> None:
+    assert LeaderSettings(redis_url="rediss://h/0").redis_ssl_options == {
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": True,
+    }
+    unverified = LeaderSettings(redis_url="rediss://h/0", ssl_cert_reqs="none")
+    # Python refuses a hostname check without certificate verification.
+    assert unverified.redis_ssl_options == {"ssl_cert_reqs": "none", "ssl_check_hostname": False}
+    assert LeaderSettings(redis_url="redis://h/0").redis_ssl_options == {}
+
+
+def test_tls_settings_are_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, certificates: Certificates
+) -> None:
+    monkeypatch.setenv("LEADER_REDIS_URL", "rediss://cache.internal:6380/0")
+    monkeypatch.setenv("LEADER_SSL_CA_CERTS", str(certificates.ca))
+    monkeypatch.setenv("LEADER_SSL_CERTFILE", str(certificates.client_combined))
+    monkeypatch.setenv("LEADER_SSL_CERT_REQS", "optional")
+    monkeypatch.setenv("LEADER_SSL_CHECK_HOSTNAME", "false")
+    settings = LeaderSettings()
+    assert settings.ssl_ca_certs == certificates.ca
+    assert settings.ssl_certfile == certificates.client_combined
+    assert (settings.ssl_cert_reqs, settings.ssl_check_hostname) == ("optional", False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("ssl_ca_certs", "ca"),
+        ("ssl_certfile", "client_combined"),
+        ("ssl_cert_reqs", "none"),
+        ("ssl_check_hostname", False),
+    ],
+)
+@pytest.mark.parametrize("redis_url", ["redis://h:6379/0", "unix:///run/redis.sock"])
+def test_tls_settings_need_a_rediss_url(
+    certificates: Certificates, field: str, value: object, redis_url: str
+) -> None:
+    if isinstance(value, str) and hasattr(certificates, value):
+        value = getattr(certificates, value)
+    text = _error_text(redis_url=redis_url, **{field: value})
+    assert field in text
+    assert "rediss://" in text
+
+
+@pytest.mark.parametrize("field", ["ssl_ca_certs", "ssl_certfile", "ssl_keyfile"])
+def test_missing_tls_file_is_rejected_naming_the_field(
+    certificates: Certificates, tmp_path: Path, field: str
+) -> None:
+    given: dict[str, Any] = {"ssl_certfile": certificates.client_cert}
+    given[field] = tmp_path / "missing.pem"
+    text = _error_text(redis_url="rediss://h/0", **given)
+    assert field in text
+
+
+@pytest.mark.parametrize(
+    ("files", "named"),
+    [
+        pytest.param({"ssl_ca_certs": "not_pem"}, "ssl_ca_certs: cannot read", id="ca-not-pem"),
+        pytest.param({"ssl_ca_certs": "client_key"}, "ssl_ca_certs: cannot read", id="ca-is-a-key"),
+        pytest.param({"ssl_certfile": "not_pem"}, "ssl_certfile: cannot load", id="cert-not-pem"),
+        pytest.param({"ssl_certfile": "client_cert"}, "ssl_certfile", id="cert-without-its-key"),
+        pytest.param(
+            {"ssl_certfile": "client_cert", "ssl_keyfile": "server_key"},
+            "ssl_keyfile: the private key does not match",
+            id="key-of-another-certificate",
+        ),
+        pytest.param(
+            {"ssl_certfile": "client_cert", "ssl_keyfile": "client_key_encrypted"},
+            "ssl_keyfile_password: missing passphrase",
+            id="encrypted-key-without-password",
+        ),
+        pytest.param(
+            {
+                "ssl_certfile": "client_cert",
+                "ssl_keyfile": "client_key_encrypted",
+                "ssl_keyfile_password": "wrong password",
+            },
+            "ssl_keyfile_password: wrong passphrase",
+            id="encrypted-key-wrong-password",
+        ),
+        pytest.param({"ssl_keyfile": "client_key"}, "ssl_keyfile", id="key-without-cert"),
+        pytest.param(
+            {"ssl_keyfile_password": "pw"}, "ssl_keyfile_password", id="password-without-cert"
+        ),
+    ],
+)
+def test_unusable_tls_files_are_rejected_at_startup_naming_the_setting(
+    certificates: Certificates, tmp_path: Path, files: dict[str, str], named: str
+) -> None:
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("-----BEGIN NOTHING-----\nhello\n")
+    given: dict[str, Any] = {
+        field: not_pem if name == "not_pem" else getattr(certificates, name, name)
+        for field, name in files.items()
+    }
+    text = _error_text(redis_url="rediss://h/0", **given)
+    assert named in text
+    assert not _leaks(KEY_PASSWORD, text)
+
+
+def test_a_tls_option_may_not_be_given_twice(certificates: Certificates) -> None:
+    text = _error_text(
+        redis_url=f"rediss://h/0?ssl_ca_certs={certificates.ca}", ssl_ca_certs=certificates.ca
+    )
+    assert "ssl_ca_certs" in text
+    assert "both" in text

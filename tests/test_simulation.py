@@ -15,8 +15,8 @@ import os
 
 import pytest
 
-from tests.sim.scenarios import SETTLE, run_scenario
-from tests.sim.simulator import Simulation
+from tests.sim.scenarios import SETTLE, crowded_cold_start, run_scenario
+from tests.sim.simulator import Faults, Simulation
 
 SEEDS = int(os.environ.get("SIM_SEEDS", "500"))
 
@@ -51,3 +51,37 @@ def test_graceful_stop_hands_over_within_a_few_round_trips() -> None:
     (new,) = sim.leaders()
     assert new is not old
     assert sim.elections[-1][2] > sim.elections[-2][2]
+
+
+@pytest.mark.parametrize("profile", ["default", "fast"])
+@pytest.mark.parametrize("seed", range(3))
+def test_regression_a_hundred_nodes_on_a_loaded_host_elect_one_leader(
+    profile: str, seed: int
+) -> None:
+    # 100 nodes started together on two CPUs once stayed leaderless: the N^2 presence beats
+    # and a candidacy from every node whose wait ran out while the CPUs were behind voided
+    # each other's terms, and the load they made kept the CPUs behind.
+    sim, agreed_at = crowded_cold_start(seed, profile)
+    assert agreed_at is not None and agreed_at <= SETTLE, sim.log[-20:]
+    # And then it stays put: no election after the first one took, for the rest of the run.
+    (leader,) = sim.leaders()
+    assert [e for e in sim.elections if e[0] > agreed_at] == []
+    assert all(n.core.status(n.now).leader_id == leader.node_id for n in sim.nodes.values())
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_regression_node_joining_after_a_redis_restart_gets_a_newer_fencing_token(
+    seed: int,
+) -> None:
+    # Redis restarted and lost its term counter. A node that joined right after heard the
+    # group's term only with the members' next presence beats, a second apart in a group of
+    # ten, stood first, alone in its member table, and was handed term 1: a fencing token
+    # below the one the group had used. (The simulator fails on any token that goes back.)
+    sim = Simulation(seed, faults=Faults(max_delay=0.002))
+    for _ in range(10):
+        sim.add_node()
+    sim.run_until(3.0)
+    sim.restart_redis(3.0, 0.3)
+    sim.at(3.35, lambda: sim.add_node("joiner"))
+    sim.run_until(6.0)
+    assert len(sim.leaders()) == 1

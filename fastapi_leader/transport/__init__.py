@@ -6,7 +6,7 @@
 
 from .base import BrokerUnavailable, Names, Sink, Transport
 from .memory import MemoryBroker, MemoryTransport
-from .redis import RedisTransport
+from .redis import RedisTransport, acl_rule
 
 __all__ = [
     "BrokerUnavailable",
@@ -16,4 +16,5 @@ __all__ = [
     "RedisTransport",
     "Sink",
     "Transport",
+    "acl_rule",
 ]

@@ -33,12 +33,14 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
 from redis.exceptions import RedisError
 from redis.typing import EncodableT
 
+from ..settings import LeaderSettings
 from .base import BrokerUnavailable, Names, Sink
 
-__all__ = ["RedisTransport"]
+__all__ = ["RedisTransport", "acl_rule"]
 
 _log = logging.getLogger(__name__)
 
@@ -52,6 +54,16 @@ except ImportError:
     _POOL_COMPAT_OPTIONS = {}
 else:
     _POOL_COMPAT_OPTIONS = {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+
+# No CLIENT SETINFO on connect (redis-py sends its name and version by default): one command
+# fewer for the ACL rule to allow (see acl_rule), and one that Redis before 7.2 does not know.
+try:
+    import redis.driver_info  # noqa: F401  (redis-py >= 7.1: driver_info=None turns it off)
+except ImportError:
+    _POOL_COMPAT_OPTIONS["lib_name"] = None
+    _POOL_COMPAT_OPTIONS["lib_version"] = None
+else:
+    _POOL_COMPAT_OPTIONS["driver_info"] = None
 
 _T = TypeVar("_T")
 
@@ -113,6 +125,67 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+# Every command a node sends: PING (at start, and on a quiet subscriber connection), SCRIPT LOAD
+# and EVALSHA for the four scripts above, and the commands those scripts run on the group's two
+# keys and broadcast channel; PUBLISH of votes to a node's own channel; SUBSCRIBE and, when
+# closing, UNSUBSCRIBE. Keep this in step with the scripts: the ACL test runs a cluster under
+# exactly this rule and fails on any command it denies.
+_COMMANDS = (
+    "ping",
+    "script|load",
+    "evalsha",
+    "get",
+    "set",
+    "incr",
+    "pexpire",
+    "del",
+    "publish",
+    "subscribe",
+    "unsubscribe",
+)
+
+
+def acl_rule(settings: LeaderSettings) -> list[str]:
+    """The least-privilege Redis ACL rules for the nodes of ``settings.group``: the group's two
+    keys and its channels only, and only the commands a node sends. Create the user with::
+
+        ACL SETUSER <user> reset on ><password> <rules...>
+
+    for example ``await admin.execute_command("ACL", "SETUSER", "billing-leader", "reset",
+    "on", ">" + password, *acl_rule(settings))``, and give the nodes ``redis://<user>:<password>@
+    ...``. For the default prefix and a group ``billing`` the rules are::
+
+        resetkeys ~fastapi-leader:billing:leader ~fastapi-leader:billing:term
+        resetchannels &fastapi-leader:billing &fastapi-leader:billing:node:*
+        -@all +ping +script|load +evalsha +get +set +incr +pexpire +del +publish +subscribe
+        +unsubscribe
+
+    plus ``+client|setname`` when ``redis_url`` sets a ``client_name``, and ``+select`` when it
+    names a database other than 0. Names cannot contain ``:`` or glob characters (the settings
+    refuse them), so no other group's names match these patterns. Needs Redis 6.2 or later
+    (or Valkey): channel rules (``&``) came with 6.2.
+    """
+    names = Names(settings.channel_prefix, settings.group, settings.node_id)
+    rules = [
+        "resetkeys",
+        f"~{names.leader_key}",
+        f"~{names.term_key}",
+        "resetchannels",
+        f"&{names.broadcast}",
+        f"&{names.node_channel('*')}",
+        "-@all",
+        *(f"+{command}" for command in _COMMANDS),
+    ]
+    if settings.redis_url.startswith("memory://"):
+        return rules
+    options: dict[str, Any] = parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
+    if options.get("client_name"):
+        rules.append("+client|setname")
+    if options.get("db"):
+        rules.append("+select")
+    return rules
 
 
 def _redact_url(url: str) -> str:

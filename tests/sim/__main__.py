@@ -16,21 +16,22 @@ def main() -> None:
     args = parser.parse_args()
     seeds = args.seeds or list(range(args.count))
     started = time.perf_counter()
-    settled = []
+    settled: dict[str, list[float]] = {}
     for seed in seeds:
         outcome = run_scenario(seed)
         if len(seeds) <= 5:
             print(outcome)
         if outcome.settled_after is not None and outcome.kind == "chaos":
-            settled.append(outcome.settled_after)
+            settled.setdefault(outcome.profile, []).append(outcome.settled_after)
     took = time.perf_counter() - started
     print(f"{len(seeds)} scenarios in {took:.1f} s")
-    if len(settled) > 1:
-        q = statistics.quantiles(settled, n=20)
-        print(
-            f"leader settled after the last fault: median {statistics.median(settled):.3f} s, "
-            f"p95 {q[18]:.3f} s, max {max(settled):.3f} s"
-        )
+    for profile, times in sorted(settled.items()):
+        if len(times) > 1:
+            q = statistics.quantiles(times, n=20)
+            print(
+                f"{profile}: leader settled after the last fault: median "
+                f"{statistics.median(times):.3f} s, p95 {q[18]:.3f} s, max {max(times):.3f} s"
+            )
 
 
 main()
