@@ -50,3 +50,14 @@ def bench(session: nox.Session) -> None:
     the full run takes hours): prints a markdown report, writes JSON to benchmarks/results/."""
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """Fault injection over real processes: kills, pauses, Redis restarts and network faults
+    from a seeded schedule; prints a summary table and fails on any broken invariant.
+    `uvx nox -s chaos` is the short run (~2 min; the tests session runs one too);
+    `uvx nox -s chaos -- --seed 42 --duration 600` a long one; `-- --kind example` runs the
+    example app as the nodes."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "tests.chaos", *session.posargs)

@@ -1,0 +1,14 @@
+"""Fault injection: real node processes, a real Redis, faults from a seeded schedule.
+
+- :mod:`.harness`: the run (``run_chaos``) and its summary;
+- :mod:`.faults`: the fault kinds and the seeded schedule;
+- :mod:`.proxy`: the in-process TCP proxy between each node and Redis (cuts, latency,
+  half-open connections, told apart per connection kind);
+- :mod:`.checks`: the invariants, as pure functions over the run's log;
+- :mod:`.node`, :mod:`.appnode`, :mod:`.reporting`: the node processes and what they report;
+- :mod:`.workload`: the pluggable part: which nodes run, how events are published and counted.
+
+Run it with ``python -m tests.chaos [--seed S] [--duration SECONDS]`` (``--help`` for more),
+or through pytest: ``pytest tests/chaos`` (the short run, about two minutes; ``CHAOS_SEED``
+and ``CHAOS_DURATION`` override its seed and length).
+"""

@@ -1,0 +1,114 @@
+"""The fault kinds and the seeded schedule that mixes them.
+
+A schedule is an endless sequence of :class:`Step` drawn from one ``random.Random(seed)``:
+the kinds come in shuffled rounds (every kind once per round, so even a short run meets each
+of them), and every duration, target and mode is drawn from the same generator. The same seed
+therefore always gives the same steps; which node is "the leader" when a step runs depends on
+the run, so a replay repeats the schedule, not necessarily every election.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+__all__ = ["KINDS", "Step", "describe", "schedule"]
+
+KINDS: tuple[str, ...] = (
+    "kill-leader",  # SIGKILL the leader; restart it after `duration`
+    "kill-follower",
+    "term-leader",  # SIGTERM (graceful stop: handover); restart after `duration`
+    "term-follower",
+    "stop-leader",  # SIGSTOP the leader for `duration` (> the election timeout), then SIGCONT
+    "redis-restart",  # stop Redis (SIGTERM or SIGKILL: `mode`) for `duration`, restart it
+    "redis-wipe",  # the same, and the restarted Redis has lost the election's keys
+    "redis-sigstop",  # SIGSTOP the Redis server for `duration`
+    "redis-client-pause",  # CLIENT PAUSE <duration> ALL
+    "net-cut",  # one node <-> Redis: both connections cut (`mode`: reset or drop)
+    "net-cut-subscriber",  # only the node's subscriber connection
+    "net-cut-command",  # only its command connection(s)
+    "net-latency",  # latency and jitter on every chunk, both ways
+    "net-half-open",  # connections go silent; new ones are accepted and never answered
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One fault of a schedule, as drawn (before it meets a running group)."""
+
+    index: int
+    kind: str
+    duration: float
+    """How long the fault lasts; for kill-* and term-*, how long the node stays down."""
+    target: str
+    """``leader`` or ``follower``: whose process or connection the fault hits (Redis faults:
+    ``redis``)."""
+    pick: int
+    """Which follower, as an index into the followers sorted by name (modulo their number)."""
+    gap: float
+    """Quiet time after the group has recovered, before the next step."""
+    mode: str = ""
+    """net-cut*: ``reset`` or ``drop``; redis-restart/-wipe: ``term`` or ``kill``."""
+    latency: float = 0.0
+    jitter: float = 0.0
+
+
+def _draw(rng: random.Random, index: int, kind: str) -> Step:
+    duration = round(rng.uniform(0.4, 2.5), 3)
+    target = "redis" if kind.startswith("redis-") else rng.choice(("leader", "follower"))
+    mode = ""
+    latency = jitter = 0.0
+    if kind.endswith("-leader"):
+        target = "leader"
+    elif kind.endswith("-follower"):
+        target = "follower"
+    if kind.startswith(("kill-", "term-")):
+        duration = round(rng.uniform(0.2, 1.0), 3)
+    elif kind == "stop-leader":
+        # Longer than the largest election timeout (0.75 s by default): a successor is elected.
+        duration = round(rng.uniform(1.0, 2.5), 3)
+    elif kind in ("redis-restart", "redis-wipe"):
+        mode = rng.choice(("term", "kill"))
+    elif kind.startswith("net-cut"):
+        mode = rng.choice(("reset", "drop"))
+    elif kind == "net-latency":
+        duration = round(rng.uniform(1.0, 3.0), 3)
+        latency = round(rng.uniform(0.005, 0.25), 3)
+        jitter = round(rng.uniform(0.0, 0.2), 3)
+    return Step(
+        index=index,
+        kind=kind,
+        duration=duration,
+        target=target,
+        pick=rng.randrange(1000),
+        gap=round(rng.uniform(0.3, 1.2), 3),
+        mode=mode,
+        latency=latency,
+        jitter=jitter,
+    )
+
+
+def schedule(seed: int, kinds: Sequence[str] = KINDS) -> Iterator[Step]:
+    """The endless schedule of ``seed``: shuffled rounds of ``kinds``."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
+    rng = random.Random(seed)
+    index = 0
+    while True:
+        round_ = list(kinds)
+        rng.shuffle(round_)
+        for kind in round_:
+            index += 1
+            yield _draw(rng, index, kind)
+
+
+def describe(step: Step) -> str:
+    """A one-line description of a step (without its runtime target)."""
+    parts = [f"{step.kind}", f"{step.duration:.2f}s"]
+    if step.mode:
+        parts.append(step.mode)
+    if step.kind == "net-latency":
+        parts.append(f"{step.latency * 1000:.0f}ms+{step.jitter * 1000:.0f}ms jitter")
+    return " ".join(parts)

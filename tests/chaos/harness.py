@@ -1,0 +1,954 @@
+"""The chaos run: a real Redis, node processes behind fault proxies, a seeded schedule.
+
+:func:`run_chaos` starts a private Redis (append-only file, fsync on every write, so that a
+restart keeps the events; see ``redis-wipe`` for the election's keys), one
+:class:`~tests.chaos.proxy.FaultProxy` per node slot, and the node processes; then it publishes
+events at a steady rate while it works through the schedule, one fault at a time:
+
+1. inject the fault, keep it for its duration, end it;
+2. wait until the group agrees on one leader again (the figures themselves are taken later,
+   from the log);
+3. for kill-*/term-*: restart the node and watch that its return does not unseat the leader;
+4. stay quiet for the step's gap.
+
+When the time is up, it waits for every acknowledged event to be delivered, stops the nodes
+gracefully (each must hand over and exit cleanly), and checks the whole log
+(:mod:`tests.chaos.checks`). Every process runs in a session of its own and is killed (its
+whole group) in ``finally``, and also when this process dies (``PR_SET_PDEATHSIG``, the Redis
+server included); every wait has a timeout, and a watchdog bounds the whole run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO
+
+from redis.exceptions import RedisError
+
+from fastapi_leader.testing import RedisServer
+from fastapi_leader.transport.base import Names
+
+from . import checks
+from .checks import Record, View
+from .faults import KINDS, Step, describe, schedule
+from .proxy import CONNECTION_KINDS, FaultProxy
+from .workload import NODE_KINDS, NodeKind, NodeSpec, direct_client
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFIX = "fastapi-leader"
+
+# Starting a node process (imports: FastAPI, pydantic, redis, APScheduler) takes ~1 s here;
+# a loaded 2-core box, several at once, far more.
+JOIN_TIMEOUT = 60.0
+# A graceful stop hands over in milliseconds; the app's lifespan may take a second or two.
+STOP_TIMEOUT = 10.0
+# After a fault, the harness waits this long for the group to agree before it gives up on the
+# run (the figures and their bounds are checked afterwards, from the log).
+SETTLE_TIMEOUT = 30.0
+# Agreement must last this long before the harness moves on: a node may find out only now
+# that a connection of its went silent during the fault.
+SETTLE_STABLE = 1.0
+# How long after a node rejoined the leader must not change: two of the largest election
+# timeouts, so a joining node that stood at once would be seen.
+JOIN_WATCH = 1.6
+# At the end, acknowledged events have this long to be delivered.
+DRAIN_TIMEOUT = 20.0
+# The whole run may take this much longer than its duration before it is stopped: startup,
+# a last step, the drain and the shutdown take well under a minute.
+WATCHDOG_MARGIN = 300.0
+# Lines of a node's stderr quoted with a traceback.
+TRACEBACK_LINES = 12
+
+
+@dataclass
+class ChaosConfig:
+    """One run. The defaults are the short (CI) run."""
+
+    seed: int
+    duration: float = 100.0
+    """Seconds of faults; startup, the drain and the shutdown come on top (about 15 s)."""
+    nodes: int = 3
+    kind: str = "builtin"
+    faults: Sequence[str] = KINDS
+    sabotage: str | None = None
+    """Run every node with ``CHAOS_SABOTAGE`` set to this (builtin nodes only)."""
+    leader_bound: float = 5.0
+    """After a fault ends, one leader within this (s). The protocol's own figure is the
+    largest election timeout plus a round (~0.9 s); a node must also notice a dead connection
+    (up to ~1.75 s) and resubscribe (backoff up to ~1.5 s)."""
+    agree_bound: float = 6.0
+    """After a fault ends, every running node names that leader within this (s)."""
+    event_rate: float = 20.0
+    log_dir: Path | None = None
+    """Where node logs go; by default a temporary directory, removed after a clean run."""
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+
+
+@dataclass
+class StepResult:
+    step: Step
+    target: str | None
+    started: float
+    ended: float
+    restarted: float | None = None
+    """kill-*/term-*: when the node was started again (the fault's recovery is measured up to
+    then; its return is measured on its own)."""
+    join_window: tuple[float, float] | None = None
+    recovery: checks.Recovery | None = None
+    failover: float | None = None
+    """For faults on the leader: how long after the fault began another node was elected."""
+    rejoin: checks.Recovery | None = None
+    """kill-*/term-*: from the restarted node's ``joined`` report, how long until it (and
+    everyone) named the leader."""
+
+
+@dataclass
+class ChaosResult:
+    config: ChaosConfig
+    steps: list[StepResult]
+    records: list[Record]
+    violations: list[str]
+    summary: dict[str, Any]
+    log_dir: Path
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): be SIGKILLed when the harness dies."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _open_log(path: Path) -> BinaryIO:
+    """A node's stderr file (the child keeps its own descriptor)."""
+    return open(path, "wb")
+
+
+_LAUNCHER = """
+import ctypes, os, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+os.execv({real!r}, [{real!r}, *sys.argv[1:]])
+"""
+
+
+def _dying_with_us(directory: Path) -> str:
+    """A launcher for the Redis server binary that makes the kernel kill the server when the
+    thread that started it dies (the harness's worker thread: it lives as long as the
+    harness). The server keeps the launcher's pid, so signals reach it as before."""
+    launcher = directory / "redis-server"
+    launcher.write_text(f"#!{sys.executable}\n" + _LAUNCHER.format(real=RedisServer().binary))
+    launcher.chmod(0o755)
+    return str(launcher)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class NodeProcess:
+    """One node slot: a fixed id, proxy and port; a new process (a new life) per start."""
+
+    def __init__(self, harness: Chaos, index: int, proxy: FaultProxy) -> None:
+        self.harness = harness
+        self.name = f"n{index}"
+        self.proxy = proxy
+        self.spec = NodeSpec(self.name, proxy.url, _free_port())
+        self.life = 0
+        self.process: asyncio.subprocess.Process | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.expected_exit = ""  # "kill" / "term": the harness asked for it
+        self.paused = False
+        self.stderr_paths: list[Path] = []
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def spawn(self) -> None:
+        harness = self.harness
+        kind = harness.kind
+        assert kind is not None
+        self.life += 1
+        self.expected_exit = ""
+        self.paused = False
+        stderr_path = harness.log_dir / f"{self.name}.{self.life}.stderr"
+        self.stderr_paths.append(stderr_path)
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("LEADER_", "EXAMPLE_", "CHAOS_"))
+        }
+        env.update(
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+            PYTHONUNBUFFERED="1",
+            LEADER_REDIS_URL=self.proxy.url,
+            LEADER_GROUP=harness.group,
+            LEADER_CHANNEL_PREFIX=PREFIX,
+            LEADER_NODE_ID=self.name,
+            **kind.env(self.spec),
+        )
+        if harness.config.sabotage:
+            env["CHAOS_SABOTAGE"] = harness.config.sabotage
+        with _open_log(stderr_path) as stderr:
+            self.process = await asyncio.create_subprocess_exec(
+                *kind.command(self.spec),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                cwd=harness.log_dir,  # no .env file there
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+                limit=1 << 20,
+            )
+        harness.live_groups.add(self.process.pid)
+        harness.record(self.name, self.life, "spawn", pid=self.process.pid)
+        self.reader = asyncio.create_task(self._read(self.process, self.life))
+
+    async def _read(self, process: asyncio.subprocess.Process, life: int) -> None:
+        harness = self.harness
+        assert process.stdout is not None
+        try:
+            async for line in process.stdout:
+                try:
+                    report = json.loads(line)
+                    t = float(report.pop("t"))
+                    ev = str(report.pop("ev"))
+                except (ValueError, KeyError, TypeError):
+                    harness.violation(f"{self.name}: unparsable output line {line[:200]!r}")
+                    continue
+                report.pop("pid", None)
+                harness.add(Record(t, self.name, life, ev, report))
+        finally:
+            code = await process.wait()
+            harness.live_groups.discard(process.pid)
+            if life == self.life:
+                expected = self.expected_exit
+                if not expected:
+                    harness.crashes += 1
+                    harness.violation(
+                        f"{self.name} (life {life}) exited on its own with code {code}"
+                    )
+                elif expected == "term" and not self.stopped_gracefully(life, code):
+                    harness.violation(
+                        f"{self.name} (life {life}) exited with code {code} after SIGTERM, "
+                        "without a graceful stop"
+                    )
+            harness.record(self.name, life, "exit", code=code)
+
+    def stopped_gracefully(self, life: int, code: int) -> bool:
+        """Exit 0; or killed by the SIGTERM it handled (uvicorn re-raises it once it has shut
+        down), after reporting that it left."""
+        if code == 0:
+            return True
+        left = any(
+            r.node == self.name and r.life == life and r.ev == "left" for r in self.harness.records
+        )
+        return code == -signal.SIGTERM and left
+
+    def signal(self, signum: signal.Signals) -> float:
+        """Send ``signum`` to the node process and log it; return when it was sent."""
+        assert self.process is not None
+        sent_at = time.monotonic()
+        what = {
+            signal.SIGKILL: "kill",
+            signal.SIGTERM: "term",
+            signal.SIGSTOP: "stop",
+            signal.SIGCONT: "cont",
+        }[signum]
+        if what in ("kill", "term"):
+            self.expected_exit = what
+        # Logged before it is sent: the log never shows a report from a process "after" it
+        # was killed that it in fact wrote before.
+        self.harness.record(self.name, self.life, what, t=sent_at)
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signum)
+        self.paused = signum == signal.SIGSTOP
+        return sent_at
+
+    async def wait_exit(self, timeout: float) -> int | None:
+        if self.process is None:
+            return None
+        try:
+            return await asyncio.wait_for(self.process.wait(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    def kill_group(self) -> None:
+        """SIGCONT and SIGKILL the process group (cleanup; not a fault)."""
+        if self.process is None or self.process.returncode is not None:
+            return
+        if not self.expected_exit:
+            self.expected_exit = "kill"
+        for signum in (signal.SIGCONT, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signum)
+
+
+class Chaos:
+    """One run; see :func:`run_chaos`."""
+
+    def __init__(self, config: ChaosConfig, log_dir: Path) -> None:
+        self.config = config
+        self.log_dir = log_dir
+        self.group = f"chaos-{config.seed}-{uuid.uuid4().hex[:6]}"
+        self.names = Names(PREFIX, self.group, "harness")
+        self.records: list[Record] = []
+        self.view = View()
+        self.violations: list[str] = []
+        self.live_groups: set[int] = set()
+        self.nodes: list[NodeProcess] = []
+        self.proxies: list[FaultProxy] = []
+        self.redis: RedisServer | None = None
+        self.kind: NodeKind | None = None
+        self.acknowledged: list[str] = []
+        self.publish_failures = 0
+        self.publishing = True
+        self.crashes = 0
+        self.steps: list[StepResult] = []
+        self.started = time.monotonic()
+        self._changed = asyncio.Event()
+        self._rng = random.Random(config.seed)
+
+    # ---- the log ---------------------------------------------------------------------------
+
+    def add(self, record: Record) -> None:
+        self.records.append(record)
+        self.view.apply(record)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def record(self, node: str, life: int, ev: str, t: float | None = None, **data: Any) -> None:
+        self.add(Record(time.monotonic() if t is None else t, node, life, ev, data))
+
+    def violation(self, text: str) -> None:
+        self.violations.append(text)
+        self.say(f"VIOLATION: {text}")
+
+    def say(self, text: str) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"[{elapsed:7.2f}s] {text}", file=self.config.out, flush=True)
+
+    async def wait_for(self, probe: Callable[[], Any], timeout: float) -> Any:
+        """Wait until ``probe()`` is truthy (re-checked on each record, and every 50 ms);
+        return its value, or None after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = probe()
+            if value:
+                return value
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.05))
+
+    # ---- the group -------------------------------------------------------------------------
+
+    def node(self, name: str) -> NodeProcess:
+        return next(n for n in self.nodes if n.name == name)
+
+    def leader(self) -> NodeProcess | None:
+        name = self.view.agreed()
+        return None if name is None else self.node(name)
+
+    def followers(self, leader: NodeProcess) -> list[NodeProcess]:
+        return [n for n in self.nodes if n is not leader and n.running]
+
+    async def joined(self, node: NodeProcess) -> bool:
+        life = node.life
+
+        def done() -> bool:
+            state = self.view.nodes.get(node.name)
+            return bool(state and state.joined) or not node.running or node.life != life
+
+        await self.wait_for(done, JOIN_TIMEOUT)
+        state = self.view.nodes.get(node.name)
+        if not (state and state.joined):
+            self.violation(f"{node.name} (life {life}) did not join within {JOIN_TIMEOUT:.0f} s")
+            return False
+        return True
+
+    async def settle(self, why: str) -> bool:
+        """Wait until every running node has named one leader for SETTLE_STABLE seconds on
+        end; a violation after SETTLE_TIMEOUT."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while (remaining := deadline - time.monotonic()) > 0:
+            leader = await self.wait_for(self.view.agreed, remaining)
+            if leader is None:
+                break
+            agreed_since = time.monotonic()
+
+            def changed(leader: str = leader) -> bool:
+                return self.view.agreed() != leader
+
+            if not await self.wait_for(changed, SETTLE_STABLE):
+                return True
+            if time.monotonic() - agreed_since >= SETTLE_STABLE:
+                return True
+        states = {
+            name: (s.alive, s.joined, s.paused, s.leading, s.known)
+            for name, s in self.view.nodes.items()
+        }
+        self.violation(f"no agreed leader {SETTLE_TIMEOUT:.0f} s after {why}: {states}")
+        return False
+
+    # ---- events ----------------------------------------------------------------------------
+
+    async def publish_forever(self) -> None:
+        seq = 0
+        interval = 1.0 / self.config.event_rate
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while self.publishing:
+            seq += 1
+            live = [n.spec for n in self.nodes if n.running and not n.paused]
+            assert self.kind is not None
+            event_id = await self.kind.publish(seq, live)
+            if event_id is None:
+                self.publish_failures += 1
+            else:
+                self.acknowledged.append(event_id)
+            next_at = max(next_at + interval, loop.time())
+            await asyncio.sleep(next_at - loop.time())
+
+    async def stop_publishing(self, publisher: asyncio.Task[None]) -> None:
+        """Stop the publisher: by its flag, and by cancelling it (again and again: before
+        Python 3.12 a cancellation that lands as a timeout expires inside redis-py can be
+        turned into a timeout error, which the publisher counts as a failed publish)."""
+        self.publishing = False
+        for _ in range(50):
+            if publisher.done():
+                break
+            publisher.cancel()
+            await asyncio.wait([publisher], timeout=0.1)
+        if not publisher.done():
+            self.violation("the publisher did not stop")
+
+    async def drain(self) -> list[str]:
+        """Wait until every acknowledged event has been delivered (or DRAIN_TIMEOUT)."""
+        wanted = set(self.acknowledged)
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        delivered: list[str] = []
+        while True:
+            assert self.kind is not None
+            try:
+                delivered = await asyncio.wait_for(self.kind.deliveries(), 5.0)
+            except Exception as exc:
+                self.say(f"reading deliveries failed: {exc!r}")
+            if wanted <= set(delivered) or time.monotonic() > deadline:
+                return delivered
+            await asyncio.sleep(0.25)
+
+    async def admin(self, *command: Any) -> Any:
+        """One command straight to Redis, on a fresh connection (the server may have just
+        restarted), tried a few times."""
+        assert self.redis is not None
+        for attempt in range(5):
+            client = direct_client(self.redis.url)
+            try:
+                return await client.execute_command(*command)  # type: ignore[no-untyped-call]
+            except (RedisError, OSError):
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.1)
+            finally:
+                await client.aclose()
+        raise AssertionError("unreachable")
+
+    # ---- faults ----------------------------------------------------------------------------
+
+    async def run_step(self, step: Step) -> StepResult:
+        kind = step.kind
+        leader = self.leader()
+        assert leader is not None, "steps start from an agreed leader"
+        followers = sorted(self.followers(leader), key=lambda n: n.name)
+        target: NodeProcess | None = None
+        if step.target == "leader" or (step.target == "follower" and not followers):
+            target = leader
+        elif step.target == "follower":
+            target = followers[step.pick % len(followers)]
+        role = (
+            ""
+            if target is None
+            else f" -> {target.name} ({'leader' if target is leader else 'follower'})"
+        )
+        self.say(f"step {step.index}: {describe(step)}{role}")
+        started = time.monotonic()
+        result = StepResult(step, None if target is None else target.name, started, started)
+
+        if kind.startswith(("kill-", "term-")):
+            assert target is not None
+            if kind.startswith("kill-"):
+                result.ended = target.signal(signal.SIGKILL)
+                await target.wait_exit(STOP_TIMEOUT)
+            else:
+                result.ended = target.signal(signal.SIGTERM)
+                if await target.wait_exit(STOP_TIMEOUT) is None:
+                    self.violation(f"{target.name} did not exit {STOP_TIMEOUT:.0f} s after SIGTERM")
+                    target.kill_group()
+                    await target.wait_exit(STOP_TIMEOUT)
+            await self.settle(f"step {step.index}")
+            await asyncio.sleep(step.duration)
+            result.restarted = time.monotonic()
+            await target.spawn()
+            if await self.joined(target):
+                await asyncio.sleep(JOIN_WATCH)
+                result.join_window = (result.restarted, time.monotonic())
+        elif kind == "stop-leader":
+            assert target is not None
+            target.signal(signal.SIGSTOP)
+            await asyncio.sleep(step.duration)
+            result.ended = target.signal(signal.SIGCONT)
+        elif kind in ("redis-restart", "redis-wipe"):
+            result.ended = await self._restart_redis(step)
+        elif kind == "redis-sigstop":
+            assert self.redis is not None
+            self.redis.pause()
+            await asyncio.sleep(step.duration)
+            self.redis.resume()
+            result.ended = time.monotonic()
+        elif kind == "redis-client-pause":
+            assert self.redis is not None
+            await self.admin("CLIENT", "PAUSE", int(step.duration * 1000), "ALL")
+            await asyncio.sleep(step.duration)
+            result.ended = started + step.duration
+        else:
+            assert target is not None
+            proxy = target.proxy
+            if kind == "net-cut":
+                proxy.cut(CONNECTION_KINDS, step.mode)
+            elif kind == "net-cut-subscriber":
+                proxy.cut({"subscriber"}, step.mode)
+            elif kind == "net-cut-command":
+                proxy.cut({"command"}, step.mode)
+            elif kind == "net-latency":
+                proxy.delay(step.latency, step.jitter, random.Random(self._rng.random()))
+            elif kind == "net-half-open":
+                proxy.half_open()
+            else:
+                raise ValueError(f"unknown fault kind {kind!r}")
+            await asyncio.sleep(step.duration)
+            proxy.heal()
+            result.ended = time.monotonic()
+
+        await self.settle(f"step {step.index}")
+        self.steps.append(result)
+        return result
+
+    async def _restart_redis(self, step: Step) -> float:
+        redis = self.redis
+        assert redis is not None
+        wipe = step.kind == "redis-wipe"
+        if wipe:
+            # Keep the nodes away until the keys are gone: as if Redis came back without them.
+            for proxy in self.proxies:
+                proxy.refuse_all()
+        if step.mode == "kill" and redis.is_running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(redis.pid, signal.SIGKILL)
+        await asyncio.to_thread(redis.stop)
+        await asyncio.sleep(step.duration)
+        await asyncio.to_thread(redis.start)
+        if wipe:
+            await self.admin("DEL", self.names.leader_key, self.names.term_key)
+            for proxy in self.proxies:
+                proxy.heal()
+        return time.monotonic()
+
+    # ---- the run ---------------------------------------------------------------------------
+
+    async def run(self) -> ChaosResult:
+        config = self.config
+        self.say(
+            f"chaos: seed {config.seed}, {config.duration:.0f} s of faults, {config.nodes} "
+            f"{config.kind} nodes, group {self.group}; logs in {self.log_dir}"
+        )
+        self.say(
+            f"replay: python -m tests.chaos --seed {config.seed} --duration {config.duration:g}"
+        )
+        data_dir = self.log_dir / "redis-data"
+        data_dir.mkdir(exist_ok=True)
+        self.redis = RedisServer(
+            binary=_dying_with_us(self.log_dir),
+            extra_args=["--appendonly", "yes", "--appendfsync", "always", "--dir", str(data_dir)],
+        )
+        publisher: asyncio.Task[None] | None = None
+        observed_until = time.monotonic()
+        delivered: list[str] = []
+        try:
+            await asyncio.to_thread(self.redis.start)
+            self.kind = NODE_KINDS[config.kind](self.redis.url, PREFIX, self.group)
+            for index in range(1, config.nodes + 1):
+                proxy = await FaultProxy(self.redis.port).start()
+                self.proxies.append(proxy)
+                self.nodes.append(NodeProcess(self, index, proxy))
+            await asyncio.gather(*(node.spawn() for node in self.nodes))
+            joined = await asyncio.gather(*(self.joined(node) for node in self.nodes))
+            if all(joined) and await self.settle("startup"):
+                publisher = asyncio.create_task(self.publish_forever())
+                self.say(f"leader {self.view.agreed()}; faults begin")
+                deadline = time.monotonic() + config.duration
+                for step in schedule(config.seed, config.faults):
+                    if time.monotonic() >= deadline:
+                        break
+                    if self.view.agreed() is None and not await self.settle(
+                        f"step {step.index - 1}"
+                    ):
+                        break
+                    await self.run_step(step)
+                    await asyncio.sleep(step.gap)
+                observed_until = time.monotonic()
+                await self.stop_publishing(publisher)
+                self.say(f"faults over after {len(self.steps)} steps; draining events")
+                delivered = await self.drain()
+            else:
+                observed_until = time.monotonic()
+        finally:
+            if publisher is not None:
+                await self.stop_publishing(publisher)
+            await self.shutdown()
+        return self.finish(observed_until, delivered)
+
+    async def shutdown(self) -> None:
+        """Stop every node gracefully (SIGTERM; each must exit 0), then everything else."""
+        try:
+            running = [n for n in self.nodes if n.running]
+            for node in running:
+                if node.paused:
+                    node.signal(signal.SIGCONT)
+                node.signal(signal.SIGTERM)
+            for node in running:
+                if await node.wait_exit(STOP_TIMEOUT) is None:
+                    self.violation(f"{node.name} did not exit {STOP_TIMEOUT:.0f} s after SIGTERM")
+            readers = [n.reader for n in self.nodes if n.reader is not None]
+            if readers:
+                await asyncio.wait(readers, timeout=5.0)
+        finally:
+            for node in self.nodes:
+                node.kill_group()
+            for pgid in list(self.live_groups):
+                for signum in (signal.SIGCONT, signal.SIGKILL):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(pgid, signum)
+            for node in self.nodes:
+                await node.wait_exit(5.0)
+                if node.reader is not None and not node.reader.done():
+                    node.reader.cancel()
+            for proxy in self.proxies:
+                await proxy.close()
+            if self.kind is not None:
+                with contextlib.suppress(Exception):
+                    await self.kind.close()
+            if self.redis is not None:
+                if self.redis.is_running:
+                    with contextlib.suppress(Exception):
+                        self.redis.resume()
+                await asyncio.to_thread(self.redis.stop)
+
+    # ---- verdict ---------------------------------------------------------------------------
+
+    def finish(self, observed_until: float, delivered: list[str]) -> ChaosResult:
+        config = self.config
+        records = sorted(self.records, key=lambda r: r.t)
+        violations = self.violations
+
+        for problem in checks.check_terms(records, observed_until):
+            violations.append(problem)
+        duals = checks.dual_leases(records, observed_until)
+        unexcused = [d for d in duals if d.unexcused > 1e-6]
+        for dual in unexcused:
+            violations.append(
+                f"two valid leases for {dual.unexcused * 1000:.1f} ms from {dual.start:.3f}: "
+                f"{dual.first.node} (term {dual.first.term}, {dual.first.how_ended}) and "
+                f"{dual.second.node} (term {dual.second.term})"
+            )
+        starts = [result.started for result in self.steps[1:]] + [observed_until]
+        for result, next_start in zip(self.steps, starts, strict=True):
+            violations += self.evaluate(result, records, next_start)
+        violations += self.tracebacks()
+        events = checks.count_events(self.acknowledged, delivered)
+        if events["lost"]:
+            missing = sorted(set(self.acknowledged) - set(delivered))[:10]
+            violations.append(f"{events['lost']} events lost, e.g. {missing}")
+        if events["duplicated"]:
+            twice = [i for i, n in Counter(delivered).items() if n > 1][:10]
+            violations.append(f"{events['duplicated']} duplicate deliveries, e.g. {twice}")
+        if not self.steps:
+            violations.append("no fault was injected (the group never agreed on a leader?)")
+
+        summary = self.summarize(records, observed_until, duals, events)
+        self.save(records)
+        verdict = ChaosResult(config, self.steps, records, violations, summary, self.log_dir)
+        print(format_summary(verdict), file=config.out, flush=True)
+        return verdict
+
+    def evaluate(self, result: StepResult, records: list[Record], next_start: float) -> list[str]:
+        """Figures of one step, and the violations among them."""
+        config = self.config
+        problems = []
+        what = f"step {result.step.index} ({result.step.kind})"
+        until = next_start if result.restarted is None else result.restarted
+        rec = result.recovery = checks.recovery(records, result.ended, until)
+        if rec.leader_after is None or rec.leader_after > config.leader_bound:
+            problems.append(
+                f"{what}: no single leader within {config.leader_bound} s of the fault's end "
+                f"(took {_seconds(rec.leader_after)})"
+            )
+        if rec.agreed_after is None or rec.agreed_after > config.agree_bound:
+            problems.append(
+                f"{what}: the nodes did not agree on a leader within {config.agree_bound} s "
+                f"of the fault's end (took {_seconds(rec.agreed_after)})"
+            )
+        if result.target is not None and result.step.target == "leader":
+            result.failover = next(
+                (
+                    r.t - result.started
+                    for r in records
+                    if r.ev == "elected"
+                    and r.node != result.target
+                    and r.t >= result.started
+                    and r.t <= until
+                ),
+                None,
+            )
+        if result.join_window is not None:
+            start, end = result.join_window
+            joined = next(
+                (
+                    r.t
+                    for r in records
+                    if r.ev == "joined" and r.node == result.target and start <= r.t <= end
+                ),
+                None,
+            )
+            if joined is not None:
+                result.rejoin = checks.recovery(records, joined, next_start)
+                took = result.rejoin.agreed_after
+                if took is None or took > config.agree_bound:
+                    problems.append(
+                        f"{what}: {result.target} rejoined and the nodes did not agree on a "
+                        f"leader within {config.agree_bound} s (took {_seconds(took)})"
+                    )
+            for record in checks.disruptions(records, start, end):
+                problems.append(
+                    f"{what}: {result.target} rejoined and the leadership changed: "
+                    f"{record.node} elected (term {record.data.get('token')}) at {record.t:.3f}"
+                )
+        return problems
+
+    def count_log_lines(self, markers: Sequence[str]) -> int:
+        count = 0
+        for node in self.nodes:
+            for path in node.stderr_paths:
+                with contextlib.suppress(OSError):
+                    for line in path.read_text(errors="replace").splitlines():
+                        count += any(marker in line for marker in markers)
+        return count
+
+    def tracebacks(self) -> list[str]:
+        return find_tracebacks(path for node in self.nodes for path in node.stderr_paths)
+
+    def summarize(
+        self,
+        records: list[Record],
+        observed_until: float,
+        duals: list[checks.DualLease],
+        events: dict[str, int],
+    ) -> dict[str, Any]:
+        by_kind: dict[str, dict[str, Any]] = defaultdict(
+            lambda: {"count": 0, "leader_max": 0.0, "agreed_max": 0.0, "failover_max": None}
+        )
+        for result in self.steps:
+            row = by_kind[result.step.kind]
+            row["count"] += 1
+            rec = result.recovery
+            if rec is not None:
+                row["leader_max"] = max(row["leader_max"], rec.leader_after or 0.0)
+                row["agreed_max"] = max(row["agreed_max"], rec.agreed_after or 0.0)
+            if result.rejoin is not None:
+                row["agreed_max"] = max(row["agreed_max"], result.rejoin.agreed_after or 0.0)
+            if result.failover is not None:
+                row["failover_max"] = max(row["failover_max"] or 0.0, result.failover)
+        held = checks.leaderships(records, observed_until)
+        first_start = held[0].start if held else observed_until
+        gaps = checks.leaderless_windows(records, first_start, observed_until)
+        longest = max(gaps, key=lambda gap: gap[1] - gap[0], default=(0.0, 0.0))
+        changes = sum(1 for a, b in itertools.pairwise(held) if a.node != b.node)
+        # From one leadership's end to the next one's start: the safety margin (< 0: overlap).
+        margins = [b.start - a.end for a, b in itertools.pairwise(held)]
+        crashes = self.crashes
+        return {
+            "seed": self.config.seed,
+            "duration": observed_until - self.started,
+            "faults": dict(sorted(by_kind.items())),
+            "steps": len(self.steps),
+            "leaderships": len(held),
+            "leader_changes": changes,
+            "longest_leaderless": longest[1] - longest[0],
+            "longest_leaderless_at": self._step_at(longest[0]),
+            "closest_handover_ms": None if not margins else min(margins) * 1000,
+            "dual_lease_ms": sum(d.unexcused for d in duals) * 1000,
+            "dual_lease_paused_ms": sum(d.paused for d in duals) * 1000,
+            "events": events,
+            "publish_failures": self.publish_failures,
+            "crashes": crashes,
+            "fence_refusals": self.count_log_lines(self.kind.fence_markers if self.kind else ()),
+            "proxied": {
+                "subscriber": sum(p.stats.by_kind.get("subscriber", 0) for p in self.proxies),
+                "command": sum(p.stats.by_kind.get("command", 0) for p in self.proxies),
+                "reset": sum(p.stats.reset for p in self.proxies),
+                "silenced": sum(p.stats.frozen for p in self.proxies),
+            },
+        }
+
+    def _step_at(self, t: float) -> str:
+        """The step during which ``t`` fell (from its start to the next one's)."""
+        during = None
+        for result in self.steps:
+            if result.started <= t:
+                during = result
+        if during is None:
+            return "before the first fault"
+        return f"step {during.step.index}, {during.step.kind}"
+
+    def save(self, records: list[Record]) -> None:
+        """The whole log, one JSON object a line, for a look after the run."""
+        with open(self.log_dir / "records.jsonl", "w") as out:
+            for r in records:
+                out.write(
+                    json.dumps({"t": r.t, "node": r.node, "life": r.life, "ev": r.ev, **r.data})
+                    + "\n"
+                )
+            for result in self.steps:
+                out.write(
+                    json.dumps(
+                        {
+                            "step": result.step.index,
+                            "kind": result.step.kind,
+                            "target": result.target,
+                            "started": result.started,
+                            "ended": result.ended,
+                        }
+                    )
+                    + "\n"
+                )
+
+
+def find_tracebacks(paths: Iterable[Path]) -> list[str]:
+    """One problem per file that holds a Python traceback, quoting its start."""
+    found = []
+    for path in paths:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        if "Traceback (most recent call last)" not in text:
+            continue
+        lines = text.splitlines()
+        first = next(i for i, line in enumerate(lines) if "Traceback (most recent" in line)
+        excerpt = "\n    ".join(lines[max(0, first - 1) : first + TRACEBACK_LINES])
+        found.append(f"traceback in {path.name}:\n    {excerpt}")
+    return found
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def _seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f} s"
+
+
+def format_summary(result: ChaosResult) -> str:
+    s = result.summary
+    lines = [
+        "",
+        f"chaos summary: seed {s['seed']}, {s['steps']} faults in {s['duration']:.0f} s, "
+        f"{result.config.nodes} {result.config.kind} nodes",
+        "",
+        "  After each fault ends (max over its occurrences): one leader after, every node",
+        "  naming it after; for faults on the leader, a new leader elected after (from the",
+        "  fault's start).",
+        "",
+        f"  {'fault':<22}{'count':>6}{'one leader':>12}{'all agree':>12}{'new leader':>12}",
+    ]
+    for kind, row in s["faults"].items():
+        failover = row["failover_max"]
+        lines.append(
+            f"  {kind:<22}{row['count']:>6}{row['leader_max']:>10.2f} s{row['agreed_max']:>10.2f} s"
+            + ("           -" if failover is None else f"{failover:>10.2f} s")
+        )
+    ev, px = s["events"], s["proxied"]
+    lines += [
+        "",
+        f"  leaderships                {s['leaderships']} ({s['leader_changes']} leader changes)",
+        f"  longest leaderless window  {s['longest_leaderless']:.2f} s "
+        f"({s['longest_leaderless_at']})",
+        f"  closest handover           {_ms(s['closest_handover_ms'])} from one lease's end to "
+        "the next one's start",
+        f"  dual-lease                 {s['dual_lease_ms']:.1f} ms outside pauses "
+        f"({s['dual_lease_paused_ms']:.1f} ms while the old holder was stopped)",
+        f"  events                     {ev['published']} acknowledged, {ev['lost']} lost, "
+        f"{ev['duplicated']} duplicated",
+        f"                             ({s['publish_failures']} publishes failed, "
+        f"{ev['unacknowledged_delivered']} of them delivered all the same)",
+        f"  fenced off                 {s['fence_refusals']} writes of stale leaderships",
+        f"  node crashes               {s['crashes']}",
+        f"  proxied connections        {px['subscriber']} subscriber, {px['command']} command; "
+        f"{px['reset']} reset, {px['silenced']} made silent",
+        f"  violations                 {len(result.violations)}",
+    ]
+    for violation in result.violations:
+        lines.append(f"    - {violation}")
+    verdict = "PASS" if result.ok else "FAIL"
+    lines += ["", f"chaos {verdict} (seed {s['seed']}; logs: {result.log_dir})", ""]
+    return "\n".join(lines)
+
+
+async def run_chaos(config: ChaosConfig) -> ChaosResult:
+    """Run the schedule of ``config.seed`` and return the verdict (printed as well)."""
+    if config.kind not in NODE_KINDS:
+        raise ValueError(f"unknown node kind {config.kind!r}; known: {', '.join(NODE_KINDS)}")
+    if config.sabotage and config.kind != "builtin":
+        raise ValueError("sabotage needs the builtin nodes (--kind builtin)")
+    own_dir = config.log_dir is None
+    log_dir = Path(tempfile.mkdtemp(prefix="chaos-")) if config.log_dir is None else config.log_dir
+    log_dir.mkdir(parents=True, exist_ok=True)
+    chaos = Chaos(config, log_dir)
+    # Every wait in the run is bounded; this bounds their sum, whatever goes wrong.
+    limit = config.duration + WATCHDOG_MARGIN
+    try:
+        result = await asyncio.wait_for(chaos.run(), limit)
+    except asyncio.TimeoutError:
+        raise RuntimeError(
+            f"chaos run (seed {config.seed}) did not finish within {limit:.0f} s; "
+            f"everything it started was stopped; logs in {log_dir}"
+        ) from None
+    if own_dir and result.ok:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return result

@@ -1,0 +1,231 @@
+"""The harness's own node: one election and one leader-only job, reporting on stdout.
+
+    python -m tests.chaos.node  # configured by LEADER_* and CHAOS_* environment variables
+
+It runs a :class:`LeaderElection` (``LEADER_*`` settings: the harness points
+``LEADER_REDIS_URL`` at the node's fault proxy), reports through :mod:`tests.chaos.reporting`,
+and, while it leads, moves events from a Redis Stream to a delivery list with fenced writes
+(:class:`StreamMover`), so that the harness can count lost and duplicated events.
+
+SIGTERM (or the end of stdin: the harness is gone) stops the election gracefully and exits 0.
+
+``CHAOS_SABOTAGE`` breaks the node on purpose, to show that the harness notices:
+
+- ``long-lease``: the node trusts its lease for 2 s while Redis's key lives for the configured
+  lease only (as a node that ignores its lease's expiry would): two valid leaderships overlap
+  as soon as the leader is cut off or paused;
+- ``unfenced-work``: the mover reads and writes without fencing tokens: a leader paused
+  between its read and its write delivers events a second time;
+- ``raise-on-demote``: an ``on_demoted`` callback raises (the library logs a traceback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import sys
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from fastapi_leader import LeaderElection, LeaderSettings, RedisTransport
+
+from .reporting import Reporter, emit
+
+log = logging.getLogger("chaos.node")
+
+SABOTAGES = ("long-lease", "unfenced-work", "raise-on-demote")
+# The lease the long-lease sabotage believes in: far beyond the key's TTL and the election
+# timeout, so that an overlap cannot hide in a timing accident.
+SABOTAGED_LEASE = 2.0
+
+# Between the leader's read of new events and its write of them: the window in which a pause
+# of the leader makes an unfenced mover deliver twice (real work takes time there too).
+PROCESSING_SECONDS = 0.1
+MOVE_INTERVAL = 0.02
+BATCH = 50
+# A command to a Redis that does not answer fails after this; the mover tries again.
+REDIS_TIMEOUT = 0.5
+
+
+def stream_keys(prefix: str, group: str) -> dict[str, str]:
+    """The workload's keys, shared by the harness (which publishes and counts) and the nodes."""
+    base = f"{prefix}:{group}:chaos"
+    return {
+        "stream": f"{base}:events",
+        "delivered": f"{base}:delivered",
+        "checkpoint": f"{base}:checkpoint",
+        "fence": f"{base}:fence",
+    }
+
+
+# KEYS: stream, checkpoint, fence. ARGV: token, batch. Claims the fence for ``token`` (refused,
+# -1, if a newer token has claimed it) and returns the checkpoint and the entries after it.
+# Claiming on the read matters: a stale leader that read before the new one and writes after
+# it would otherwise pass the fence and deliver the same entries again.
+_FENCED_READ = """
+local fence = tonumber(redis.call('GET', KEYS[3]) or '0')
+if tonumber(ARGV[1]) < fence then return -1 end
+redis.call('SET', KEYS[3], ARGV[1])
+local last = redis.call('GET', KEYS[2]) or '0-0'
+return {last, redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', ARGV[2])}
+"""
+
+# KEYS: delivered, checkpoint, fence. ARGV: token, new checkpoint, event ids... Delivers the
+# events and advances the checkpoint, unless a newer token has claimed the fence (-1).
+_FENCED_WRITE = """
+local fence = tonumber(redis.call('GET', KEYS[3]) or '0')
+if tonumber(ARGV[1]) < fence then return -1 end
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+redis.call('SET', KEYS[2], ARGV[2])
+return #ARGV - 2
+"""
+
+
+class StreamMover:
+    """The leader-only job: stream entries after the checkpoint go to the delivery list."""
+
+    def __init__(self, redis: Redis, keys: dict[str, str], *, fenced: bool = True) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.fenced = fenced
+        self._read = redis.register_script(_FENCED_READ)
+        self._write = redis.register_script(_FENCED_WRITE)
+
+    async def move_once(self, token: int) -> int:
+        """Move one batch with ``token``; -1 if the fence refused it."""
+        keys = self.keys
+        if self.fenced:
+            read = await self._read(
+                keys=[keys["stream"], keys["checkpoint"], keys["fence"]], args=[token, BATCH]
+            )
+            if read == -1:
+                return -1
+            _, entries = read
+        else:
+            last = _text(await self.redis.get(keys["checkpoint"]) or b"0-0")
+            entries = await self.redis.xrange(keys["stream"], f"({last}", "+", count=BATCH)
+        if not entries:
+            return 0
+        await asyncio.sleep(PROCESSING_SECONDS)
+        ids = [_event_id(fields) for _, fields in entries]
+        checkpoint = entries[-1][0]
+        if self.fenced:
+            written = await self._write(
+                keys=[keys["delivered"], keys["checkpoint"], keys["fence"]],
+                args=[token, checkpoint, *ids],
+            )
+            return int(written)
+        await self.redis.rpush(keys["delivered"], *ids)
+        await self.redis.set(keys["checkpoint"], checkpoint)
+        return len(ids)
+
+    async def run(self, election: LeaderElection, token: int) -> None:
+        """Move batches while this leadership lasts (the runtime cancels us when it ends)."""
+        while election.fencing_token == token:
+            try:
+                if await self.move_once(token) < 0:
+                    log.warning("mover: token %d refused by the fence", token)
+                    return
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                log.warning("mover: %s", exc or type(exc).__name__)
+            await asyncio.sleep(MOVE_INTERVAL)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _event_id(fields: dict[bytes, bytes] | list[bytes]) -> bytes:
+    if isinstance(fields, dict):
+        return fields[b"id"]
+    pairs = dict(zip(fields[::2], fields[1::2], strict=True))  # raw XRANGE reply from Lua
+    return pairs[b"id"]
+
+
+def _sabotage_lease(election: LeaderElection, real_lease: float) -> None:
+    """long-lease: the core counts a long lease; Redis's key keeps the real one."""
+    core = election._core
+    core.timing = dataclasses.replace(core.timing, lease=SABOTAGED_LEASE)
+    acquire, renew = RedisTransport.acquire, RedisTransport.renew
+
+    async def short_acquire(transport: RedisTransport, term: int, ttl: float, ann: bytes) -> bool:
+        return await acquire(transport, term, min(ttl, real_lease), ann)
+
+    async def short_renew(transport: RedisTransport, term: int, ttl: float, ann: bytes) -> bool:
+        return await renew(transport, term, min(ttl, real_lease), ann)
+
+    RedisTransport.acquire = short_acquire  # type: ignore[method-assign,assignment]
+    RedisTransport.renew = short_renew  # type: ignore[method-assign,assignment]
+
+
+async def main() -> None:
+    sabotage = os.environ.get("CHAOS_SABOTAGE", "")
+    if sabotage and sabotage not in SABOTAGES:
+        raise SystemExit(f"unknown CHAOS_SABOTAGE {sabotage!r}; known: {', '.join(SABOTAGES)}")
+    settings = LeaderSettings()
+    election = LeaderElection(settings)
+    if sabotage == "long-lease":
+        _sabotage_lease(election, settings.lease)  # before the reporter wraps the transport
+    Reporter(election)
+    redis = Redis.from_url(
+        settings.redis_url,
+        socket_timeout=REDIS_TIMEOUT,
+        socket_connect_timeout=REDIS_TIMEOUT,
+    )
+    mover = StreamMover(
+        redis,
+        stream_keys(settings.channel_prefix, settings.group),
+        fenced=sabotage != "unfenced-work",
+    )
+
+    @election.on_elected
+    async def lead(token: int) -> None:
+        await mover.run(election, token)
+
+    if sabotage == "raise-on-demote":
+
+        @election.on_demoted
+        def fail() -> None:
+            raise RuntimeError("sabotage: on_demoted raises")
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    watcher = asyncio.create_task(_until_stdin_closes(stop))
+    emit("armed", sabotage=sabotage or None)
+    try:
+        await election.start()
+        emit("joined")
+        await stop.wait()
+    finally:
+        watcher.cancel()
+        await election.stop()
+        emit("left")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(redis.aclose(), 2.0)
+    emit("exiting")
+
+
+async def _until_stdin_closes(stop: asyncio.Event) -> None:
+    """The harness keeps our stdin open; its end means the harness died: leave."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while await reader.read(1024):
+        pass
+    stop.set()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format="%(relativeCreated)8.0f %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(main())
