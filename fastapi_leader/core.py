@@ -103,7 +103,7 @@ class Timing:
     heartbeat_interval: float = 0.1
     lease: float = 0.4
     election_timeout_min: float = 0.5
-    election_timeout_max: float = 0.75
+    election_timeout_max: float = 0.7
     member_expiry: float = 1.0
 
     def presence_interval(self, group_size: int) -> float:
@@ -270,7 +270,7 @@ MAX_TERM = 2**53
 
 # How far failed candidacies widen the election timeout's random spread: x2 per candidacy that
 # ended without a leader, at most x2**MAX_BACKOFF. Enough for 100 nodes on two cores to settle
-# in one or two rounds; small enough that the longest wait (0.5 + 4 x 0.25 = 1.5 s at the
+# in one or two rounds; small enough that the longest wait (0.5 + 4 x 0.2 = 1.3 s at the
 # defaults) keeps liveness within a couple of seconds once faults stop.
 MAX_BACKOFF = 2
 

@@ -126,7 +126,7 @@ class LeaderSettings(BaseSettings):
     """Shortest silence from the leader after which a follower stands for election. At least
     the lease plus one heartbeat, so the old lease has ended before anyone can win."""
 
-    election_timeout_max: Seconds = 0.75
+    election_timeout_max: Seconds = 0.7
     """Longest such silence; each wait draws a random timeout in [min, max] so that followers do
     not all stand at once. In a group of N > 4 members the spread above the minimum is N/4
     times wider, so that the earliest of the N draws still falls in [min, max] while the others

@@ -24,7 +24,7 @@ from fastapi_leader.testing import RedisServer
 from fastapi_leader.transport.redis import acl_rule
 from tests.cluster import WAIT, Cluster, LeaderSampler, first_of
 
-HANDOVER_BOUND = 0.5  # well under one election timeout (0.5 to 0.75 s)
+HANDOVER_BOUND = 0.5  # well under one election timeout (0.5 to 0.7 s)
 
 # What the README and acl_rule's docstring show for the group "billing".
 DOCUMENTED_RULE = (

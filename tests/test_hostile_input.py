@@ -45,7 +45,7 @@ from tests.cluster import WAIT, Cluster, LeaderSampler, always, eventually, firs
 pytestmark = pytest.mark.redis
 
 SECRET = "a-shared-secret-of-32-characters"
-ELECTION_TIMEOUT_MAX = 0.75
+ELECTION_TIMEOUT_MAX = 0.7  # the default
 HANDOVER_BOUND = 0.5
 ATTACKER = "mallory"
 

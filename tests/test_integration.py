@@ -22,7 +22,8 @@ import httpx
 import pytest
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_leader import (
@@ -42,6 +43,7 @@ from fastapi_leader import (
     leader_router,
     require_leader,
 )
+from fastapi_leader.integration import _LeaderGate
 from fastapi_leader.transport import Names
 from tests.cluster import WAIT
 
@@ -425,6 +427,98 @@ async def test_no_leader_known_gives_a_503_without_leader_headers(group: str) ->
         "leader_id": None,
         "leader_url": None,
     }
+
+
+# A node that has just joined listens for an election timeout before it may stand: stretched,
+# it stays leaderless (and so refuses) for the whole test.
+NO_LEADER_YET = {"election_timeout_min": 30.0, "election_timeout_max": 31.0}
+
+
+def _route(app: FastAPI, path: str) -> APIRoute:
+    return next(r for r in app.routes if isinstance(r, APIRoute) and r.path == path)
+
+
+async def test_require_leader_is_checked_ahead_of_the_dependency_solver(group: str) -> None:
+    # An empty dependency costs FastAPI about a fifth of a cheap request; the lifespan moves
+    # the check in front of the route, and the route must answer exactly as before.
+    solved: list[str] = []
+
+    async def record(request: Request) -> None:
+        solved.append(get_election(request).node_id)
+
+    apps = {node_id: make_app(group, node_id) for node_id in ("a", "b")}
+    for app in apps.values():
+        app.post("/recorded", dependencies=[Depends(require_leader), Depends(record)])(
+            lambda: "done"
+        )
+    async with serve(apps["a"]) as client_a, serve(apps["b"]) as client_b:
+        leader_id = await election_of(apps["a"]).wait_for_leader(5)
+        assert await election_of(apps["b"]).wait_for_leader(5) == leader_id
+        follower_id = "b" if leader_id == "a" else "a"
+        clients = {"a": client_a, "b": client_b}
+        for app in apps.values():
+            calls = [sub.call for sub in _route(app, "/recorded").dependant.dependencies]
+            assert calls == [record]  # require_leader left the solver's list
+
+        response = await clients[follower_id].post("/recorded")
+        assert_not_leader_response(response, follower_id, leader_id)
+        assert (await clients[leader_id].post("/recorded")).json() == "done"
+        assert solved == [leader_id]  # the follower refused before the other dependency
+
+
+async def test_a_router_wide_require_leader_guards_every_route_of_it(group: str) -> None:
+    def app_with_router(node_id: str, **overrides: Any) -> FastAPI:
+        router = APIRouter(prefix="/admin", dependencies=[Depends(require_leader)])
+        router.post("/async")(_async_done)
+        router.post("/sync")(lambda: "done")
+        app = FastAPI(lifespan=leader_lifespan(settings=settings_for(group, node_id, **overrides)))
+        app.include_router(router)
+        return app
+
+    waiting = app_with_router("waiting", **NO_LEADER_YET)
+    async with serve(waiting) as client:
+        for path in ("/admin/async", "/admin/sync"):
+            assert (await client.post(path)).status_code == 503
+    leader = app_with_router("leader")
+    async with serve(leader) as client:
+        await election_of(leader).wait_until_leader(5)
+        for path in ("/admin/async", "/admin/sync"):
+            assert (await client.post(path)).json() == "done"
+
+
+async def _async_done() -> str:
+    return "done"
+
+
+async def test_an_override_of_require_leader_is_resolved_as_fastapi_would(group: str) -> None:
+    app = make_app(group, "alone", **NO_LEADER_YET)
+
+    def allow() -> None:
+        return None
+
+    def teapot() -> None:
+        raise HTTPException(418)
+
+    async with serve(app) as client:
+        assert (await client.post("/guarded")).status_code == 503
+        app.dependency_overrides[require_leader] = allow
+        assert (await client.post("/guarded")).json() == {"node_id": "alone"}
+        app.dependency_overrides[require_leader] = teapot
+        assert (await client.post("/guarded")).status_code == 418
+        app.dependency_overrides.clear()
+        assert (await client.post("/guarded")).status_code == 503
+
+
+async def test_a_second_run_of_the_lifespan_keeps_routes_guarded_once(group: str) -> None:
+    # Test clients enter an app's lifespan once per test, and apps are often module globals.
+    app = make_app(group, "alone", **NO_LEADER_YET)
+    for _ in range(2):
+        async with serve(app) as client:
+            assert (await client.post("/guarded")).status_code == 503
+    gate = _route(app, "/guarded").app
+    # Wrapped once: the second startup found the route gated already.
+    assert isinstance(gate, _LeaderGate)
+    assert not isinstance(gate.app, _LeaderGate)
 
 
 async def test_the_dependencies_read_the_election_on_the_event_loop_thread(group: str) -> None:

@@ -54,7 +54,7 @@ def _error_text(**kwargs: Any) -> str:
         ("heartbeat_interval", 0.1),
         ("lease", 0.4),
         ("election_timeout_min", 0.5),
-        ("election_timeout_max", 0.75),
+        ("election_timeout_max", 0.7),
         ("member_expiry", 1.0),
         ("secret", None),
         ("previous_secret", None),

@@ -24,7 +24,7 @@ from tests.cluster import Cluster, LeaderSampler, first_of
 
 pytestmark = pytest.mark.redis
 
-HANDOVER_BOUND = 0.5  # well under one election timeout (0.5 to 0.75 s)
+HANDOVER_BOUND = 0.5  # well under one election timeout (0.5 to 0.7 s)
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ def _draw(rng: random.Random, index: int, kind: str) -> Step:
     if kind.startswith(("kill-", "term-")):
         duration = round(rng.uniform(0.2, 1.0), 3)
     elif kind == "stop-leader":
-        # Longer than the largest election timeout (0.75 s by default): a successor is elected.
+        # Longer than the largest election timeout (0.7 s by default): a successor is elected.
         duration = round(rng.uniform(1.0, 2.5), 3)
     elif kind in ("redis-restart", "redis-wipe"):
         mode = rng.choice(("term", "kill"))

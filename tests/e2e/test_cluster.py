@@ -16,7 +16,7 @@ from .nodes import AppCluster, AppNode, always, eventually
 
 pytestmark = pytest.mark.e2e
 
-# Crash failover lands near the election timeout (0.5 to 0.75 s by default).
+# Crash failover lands near the election timeout (0.5 to 0.7 s by default).
 FAILOVER_BOUND = 3.0
 # A graceful handover takes a few Redis round trips; in the handover test a failover by timeout
 # would take at least 2 s after the old leader's last heartbeat.
