@@ -551,12 +551,15 @@ class Pool:
 
     async def get(self, count: int) -> list[Proc]:
         free = [p for p in self.procs if p.alive and not p.killed and p.pid not in self.in_use]
-        if len(free) < count:
-            new = await self.harness.spawn_many(self.impl, self.redis_url, count - len(free))
-            self.procs += new
-            free += new
+        # Claim before awaiting the spawn: clusters of parallel lanes ask at the same moment,
+        # and a process shared by two of them would be stopped or killed under both.
         chosen = free[:count]
         self.in_use.update(p.pid for p in chosen)
+        if len(chosen) < count:
+            new = await self.harness.spawn_many(self.impl, self.redis_url, count - len(chosen))
+            self.procs += new
+            self.in_use.update(p.pid for p in new)
+            chosen += new
         return chosen
 
     def release(self, procs: Iterable[Proc]) -> None:
