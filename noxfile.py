@@ -47,7 +47,8 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks with real processes (`uvx nox -s bench -- --quick`, ~5 min; without --quick
-    the full run takes hours): prints a markdown report, writes JSON to benchmarks/results/."""
+    the full run takes about 100 minutes on 2 cores): prints a markdown report, writes JSON to
+    benchmarks/results/."""
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks", *session.posargs)
 
