@@ -588,9 +588,13 @@ class Chaos:
             f"chaos: seed {config.seed}, {config.duration:.0f} s of faults, {config.nodes} "
             f"{config.kind} nodes, group {self.group}; logs in {self.log_dir}"
         )
-        self.say(
-            f"replay: python -m tests.chaos --seed {config.seed} --duration {config.duration:g}"
-        )
+        # The replay must name every option that shapes the schedule or the nodes.
+        replay = f"python -m tests.chaos --seed {config.seed} --duration {config.duration:g}"
+        if config.kind != "builtin":
+            replay += f" --kind {config.kind}"
+        if config.nodes != 3:
+            replay += f" --nodes {config.nodes}"
+        self.say(f"replay: {replay}")
         data_dir = self.log_dir / "redis-data"
         data_dir.mkdir(exist_ok=True)
         self.redis = RedisServer(
