@@ -98,6 +98,19 @@ class ChaosConfig:
     event_rate: float = 20.0
     log_dir: Path | None = None
     """Where node logs go; by default a temporary directory, removed after a clean run."""
+
+    def replay(self) -> str:
+        """The command that replays this run: every option that shapes the schedule or the
+        nodes, where it differs from the command line's default."""
+        command = f"python -m tests.chaos --seed {self.seed} --duration {self.duration:g}"
+        if self.kind != ChaosConfig.kind:
+            command += f" --kind {self.kind}"
+        if self.nodes != ChaosConfig.nodes:
+            command += f" --nodes {self.nodes}"
+        if tuple(self.faults) != tuple(KINDS):
+            command += f" --faults {','.join(self.faults)}"
+        return command
+
     out: TextIO = field(default_factory=lambda: sys.stdout)
 
 
@@ -588,13 +601,7 @@ class Chaos:
             f"chaos: seed {config.seed}, {config.duration:.0f} s of faults, {config.nodes} "
             f"{config.kind} nodes, group {self.group}; logs in {self.log_dir}"
         )
-        # The replay must name every option that shapes the schedule or the nodes.
-        replay = f"python -m tests.chaos --seed {config.seed} --duration {config.duration:g}"
-        if config.kind != "builtin":
-            replay += f" --kind {config.kind}"
-        if config.nodes != 3:
-            replay += f" --nodes {config.nodes}"
-        self.say(f"replay: {replay}")
+        self.say(f"replay: {config.replay()}")
         data_dir = self.log_dir / "redis-data"
         data_dir.mkdir(exist_ok=True)
         self.redis = RedisServer(

@@ -41,7 +41,7 @@ async def test_short_chaos_run(tmp_path: Path, capsys: pytest.CaptureFixture[str
         print(format_summary(result))
     assert result.ok, (
         f"chaos run with seed {seed} broke {len(result.violations)} invariant(s); replay: "
-        f"python -m tests.chaos --seed {seed} --duration {SHORT_DURATION:g}\n{output}"
+        f"{config.replay()}\n{output}"
     )
 
 
