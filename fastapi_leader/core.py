@@ -70,6 +70,7 @@ from .messages import Kind, Message, RejectReason
 __all__ = [
     "Acquire",
     "AllocateTerm",
+    "Cause",
     "Command",
     "Demoted",
     "Elected",
@@ -77,6 +78,7 @@ __all__ = [
     "Event",
     "LeaderChanged",
     "MemberInfo",
+    "NodeIdConflict",
     "Output",
     "Release",
     "Renew",
@@ -94,6 +96,44 @@ class Role(str, Enum):
     FOLLOWER = "follower"
     CANDIDATE = "candidate"
     LEADER = "leader"
+
+
+class Cause(str, Enum):
+    """Why a role changed, in a few stable words: the ``reason`` beside it says it in a
+    sentence (with ids and terms), this is what metrics label and tests compare."""
+
+    ELECTION_TIMEOUT = "election_timeout"
+    """A follower heard no leader for its election timeout and stood."""
+    NAMED_SUCCESSOR = "named_successor"
+    """The leader handed over to this node, which stood at once."""
+    WON = "won"
+    """A candidate won the vote and took the leader key."""
+    KEY_HELD = "key_held"
+    """A candidate lost: another node holds the leader key."""
+    SUPERSEDED = "superseded"
+    """A candidate gave way to a newer term (another candidate, or a term allocated meanwhile)."""
+    OTHER_LEADER = "other_leader"
+    """Another node leads a newer term (a candidate or a leader heard its heartbeat)."""
+    TERM_UNAVAILABLE = "term_unavailable"
+    """A candidate could not get a usable term from the broker."""
+    ACQUIRED_TOO_LATE = "acquired_too_late"
+    """The leader key was taken, but its answer came after the lease it would have started."""
+    CONNECTION_LOST = "connection_lost"
+    """The broker connection broke."""
+    LEASE_EXPIRED = "lease_expired"
+    """The lease ran out before a renewal succeeded."""
+    CANNOT_HEAR_ITSELF = "cannot_hear_itself"
+    """A leader stopped hearing its own heartbeats: it cannot know what the group hears."""
+    KEY_LOST = "key_lost"
+    """A renewal found the leader key no longer this node's."""
+    RESIGNED = "resigned"
+    """:meth:`LeaderElection.resign`, or a resign request (``fastapi-leader resign``)."""
+    LOOP_STALL = "loop_stall"
+    """The app's event loop stalled past ``loop_stall_limit``."""
+    SHUTDOWN = "shutdown"
+    """The node is leaving the group."""
+    NODE_ID_CONFLICT = "node_id_conflict"
+    """Another live process uses this node id, and this one (the later start) yields."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,14 +238,20 @@ class Demoted:
 
     term: int
     reason: str
+    cause: Cause
 
 
 @dataclass(frozen=True, slots=True)
 class LeaderChanged:
-    """The leader this node knows of changed (``None``: no live leader known)."""
+    """The leader this node knows of changed (``None``: no live leader known).
+
+    ``last_heard_at``, when the leader is gone (``None``): the ``now`` at which this node last
+    heard it (its own demotion's, for a leader that stopped leading), where the leaderless
+    time began as far as this node can tell."""
 
     leader_id: str | None
     term: int
+    last_heard_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,9 +262,26 @@ class RoleChanged:
     new: Role
     term: int
     reason: str
+    cause: Cause
 
 
-Event = Elected | Demoted | LeaderChanged | RoleChanged
+@dataclass(frozen=True, slots=True)
+class NodeIdConflict:
+    """Another live process sends as this node's id (two processes given one node id).
+
+    Of the two, the later start (the larger incarnation) yields: it hands over if it leads and
+    does not stand while the other is heard; the earlier one goes on as if alone. Both report
+    it, so the misconfiguration shows on whichever node the operator reads. ``resolved`` is
+    set once the other has not been heard for a member expiry (it died or was renamed), and
+    the yielding node may stand again."""
+
+    node_id: str
+    other_incarnation: int
+    yielding: bool
+    resolved: bool = False
+
+
+Event = Elected | Demoted | LeaderChanged | RoleChanged | NodeIdConflict
 Output = Command | Event
 
 
@@ -290,9 +353,11 @@ class Election:
     """One node's election state machine.
 
     ``rng`` draws the election timeouts (pass a seeded :class:`random.Random` for reproducible
-    runs). ``first_seq`` seeds the message sequence: it must exceed every sequence number the same
-    ``node_id`` used before (the runtime passes the wall clock in microseconds), or receivers
-    would drop this incarnation's messages as replays.
+    runs). ``incarnation`` tells this start of ``node_id`` apart from every other one (the
+    runtime draws it from the wall clock and random bits, so that a later start is larger):
+    replay protection counts sequence numbers per incarnation, and two live incarnations of one
+    id are a configuration error that the core detects (:class:`NodeIdConflict`).
+    ``first_seq`` seeds the message sequence.
     """
 
     def __init__(
@@ -303,9 +368,11 @@ class Election:
         *,
         rng: random.Random,
         url: str | None = None,
+        incarnation: int = 0,
         first_seq: int = 0,
     ) -> None:
         self.node_id = node_id
+        self.incarnation = incarnation
         self.group = group
         self.timing = timing
         self.url = url
@@ -335,7 +402,11 @@ class Election:
         self._next_prune_at = float("-inf")
         self._self_heard_at = float("-inf")
         self.members: dict[str, _Member] = {}
-        self._seqs: OrderedDict[str, int] = OrderedDict()
+        self._seqs: OrderedDict[tuple[str, int], int] = OrderedDict()
+        # Another live incarnation of our id: its incarnation and when it was last heard.
+        self._twin: int | None = None
+        self._twin_heard_at = float("-inf")
+        self._suspended = False  # told not to stand (the app's loop is stalled)
         self.dropped: dict[str, int] = {}
 
         self.connected = False
@@ -438,9 +509,11 @@ class Election:
             return out
         self.connected = False
         if self.role is Role.LEADER:
-            self._step_down(now, "lost the broker connection", out, release=True)
+            self._step_down(
+                now, Cause.CONNECTION_LOST, "lost the broker connection", out, release=True
+            )
         elif self.role is Role.CANDIDATE:
-            self._become_follower(now, "lost the broker connection", out)
+            self._become_follower(now, Cause.CONNECTION_LOST, "lost the broker connection", out)
         return out
 
     def connection_restored(self, now: float) -> list[Output]:
@@ -466,8 +539,35 @@ class Election:
         out: list[Output] = []
         if self.stopped or self.role is not Role.LEADER:
             return out
-        self._hand_over(now, "resigned", out)
+        self._hand_over(now, Cause.RESIGNED, "resigned", out)
         return out
+
+    def suspend(self, now: float, reason: str) -> list[Output]:
+        """Stop standing for election until :meth:`resume`: a leader hands over (naming a
+        successor), a candidate gives up. The runtime calls it when the application this node
+        serves has stopped running (its event loop stalled past the limit): such a node would
+        renew its lease while doing none of the leader's work."""
+        out: list[Output] = []
+        if self.stopped or self._suspended:
+            return out
+        self._suspended = True
+        if self.role is Role.LEADER:
+            self._hand_over(now, Cause.LOOP_STALL, reason, out)
+        elif self.role is Role.CANDIDATE:
+            self._become_follower(now, Cause.LOOP_STALL, reason, out)
+        return out
+
+    def resume(self, now: float) -> list[Output]:
+        """Stand again when an election is due (after :meth:`suspend`); the wait starts now."""
+        if self._suspended and not self.stopped:
+            self._suspended = False
+            self._new_wait(now)
+        return []
+
+    @property
+    def suspended(self) -> bool:
+        """Whether :meth:`suspend` holds this node back from standing."""
+        return self._suspended
 
     def leave(self, now: float) -> list[Output]:
         """Leave the group for good: a leader hands over, anyone else says goodbye. After this
@@ -477,10 +577,10 @@ class Election:
             self.stopped = True
             return out
         if self.role is Role.LEADER:
-            self._hand_over(now, "shutting down", out)
+            self._hand_over(now, Cause.SHUTDOWN, "shutting down", out)
         else:
             if self.role is Role.CANDIDATE:
-                self._become_follower(now, "shutting down", out)
+                self._become_follower(now, Cause.SHUTDOWN, "shutting down", out)
             out.append(Send(self._message(Kind.LEAVE)))
         self.stopped = True
         return out
@@ -495,6 +595,7 @@ class Election:
             return out
         if now >= self._next_prune_at:
             self.prune(now)
+        held_back = self._twin_yields(now, out) or self._suspended
         if self.role is Role.LEADER:
             self._leader_tick(now, out)
             return out
@@ -503,7 +604,7 @@ class Election:
         if self.leader_id is not None and live_leader is None:
             self._lose_leader(now, out)
         if now >= self._election_deadline():
-            if not (self.connected and self._heard_self(now)):
+            if held_back or not (self.connected and self._heard_self(now)):
                 self._new_wait(now)  # cannot hear the broker: no point allocating terms
             elif self._probe_seq is None or now >= self._probe_sent_at + self._probe_patience():
                 self._probe(now, out)  # stand when it comes back, if still nothing was heard
@@ -535,11 +636,13 @@ class Election:
         if term > MAX_TERM:
             # Only a tampered term counter gets here; standing with it would build messages
             # that every node (this one included) drops.
-            self._become_follower(now, f"term {term} is beyond the largest usable term", out)
+            self._become_follower(
+                now, Cause.TERM_UNAVAILABLE, f"term {term} is beyond the largest usable term", out
+            )
             return out
         if term <= self.term:
             # Someone stood in a higher term meanwhile; we owe them our vote, not a contest.
-            self._become_follower(now, f"term {term} already superseded", out)
+            self._become_follower(now, Cause.SUPERSEDED, f"term {term} already superseded", out)
             return out
         self.term = term
         candidacy.term = term
@@ -547,11 +650,20 @@ class Election:
         out.append(Send(self._message(Kind.VOTE_REQUEST, term=term)))
         return out
 
+    def acquire_failed(self, term: int, sent_at: float, now: float) -> list[Output]:
+        """:class:`Acquire` got no answer (Redis unreachable, a timeout). No answer is not
+        "no": the key may be ours. Give it back in case it is, and stand again later rather
+        than lead on a lease whose start we cannot date."""
+        out = self.acquire_result(term, False, sent_at, now)
+        if not self.stopped:
+            out.append(Release(term=term, announce=None))
+        return out
+
     def term_failed(self, now: float) -> list[Output]:
         """The term could not be allocated (Redis unreachable): give up this candidacy."""
         out: list[Output] = []
         if not self.stopped and self.role is Role.CANDIDATE:
-            self._become_follower(now, "could not allocate a term", out)
+            self._become_follower(now, Cause.TERM_UNAVAILABLE, "could not allocate a term", out)
         return out
 
     def acquire_result(self, term: int, acquired: bool, sent_at: float, now: float) -> list[Output]:
@@ -569,15 +681,15 @@ class Election:
             # give it back now rather than block the group until its TTL runs out.
             out.append(Release(term=term, announce=None))
             if standing:
-                self._become_follower(now, "lease acquired too late", out)
+                self._become_follower(now, Cause.ACQUIRED_TOO_LATE, "lease acquired too late", out)
             return out
         if not standing:
             return out
         if not acquired:
-            self._become_follower(now, "leader key is held", out)
+            self._become_follower(now, Cause.KEY_HELD, "leader key is held", out)
             return out
         self._candidacy = None
-        self._set_role(Role.LEADER, "won the election and the leader key", out)
+        self._set_role(Role.LEADER, Cause.WON, "won the election and the leader key", out)
         self._lease_term = term
         self.lease_expires_at = sent_at + self.timing.lease
         self._next_renew_at = sent_at + self.timing.heartbeat_interval
@@ -601,7 +713,7 @@ class Election:
         if renewed is None:
             return out
         if not renewed:
-            self._step_down(now, "leader key lost", out, release=False)
+            self._step_down(now, Cause.KEY_LOST, "leader key lost", out, release=False)
             return out
         self.lease_expires_at = max(self.lease_expires_at, sent_at + self.timing.lease)
         return out
@@ -621,17 +733,73 @@ class Election:
             self._count(RejectReason.REPLAY.value)
             return out
         sender = message.sender
+        if sender == self.node_id and message.incarnation != self.incarnation:
+            self._on_twin(message, now, out)
+            return out
         if message.kind in (Kind.LEAVE, Kind.HANDOVER):
             self.members.pop(sender, None)
-        else:
+        elif message.kind is not Kind.RESIGN_REQUEST:  # an operator's tool, not a member
             self._saw(sender, now, message.url)
         if sender == self.node_id:
             self._self_heard_at = now
-        if message.term > self.term and message.kind is not Kind.VOTE:
+        # A vote is not a term anyone stood in, and a resign request only names the term it
+        # asks to end: neither moves this node's term.
+        if message.term > self.term and message.kind not in (Kind.VOTE, Kind.RESIGN_REQUEST):
             self.term = message.term
         handler = _HANDLERS[message.kind]
         handler(self, message, now, out)
         return out
+
+    def _on_twin(self, m: Message, now: float, out: list[Output]) -> None:
+        # Another process sends as us. Its messages are not ours (they would pass for our own
+        # echo: "I hear myself") nor a peer's (the member table has one entry per id), so they
+        # are counted and go no further; only its term counts, as a floor for ours.
+        self._count("duplicate_node_id")
+        if m.incarnation == 0 or m.kind not in (Kind.HEARTBEAT, Kind.PRESENCE):
+            # Evidence of a live twin is its beats, from a start that drew an incarnation. A
+            # lone handover or goodbye under our name (or one with no incarnation, as anyone
+            # can forge in a group without a secret) is dropped, and changes nothing here.
+            return
+        self.term = max(self.term, m.term)
+        self._twin_heard_at = now
+        if self._twin == m.incarnation:
+            return
+        self._twin = m.incarnation
+        yielding = self.incarnation > m.incarnation  # the later start gives way
+        out.append(
+            NodeIdConflict(node_id=self.node_id, other_incarnation=m.incarnation, yielding=yielding)
+        )
+        if yielding:
+            if self.role is Role.LEADER:
+                self._hand_over(
+                    now, Cause.NODE_ID_CONFLICT, "another process uses this node id", out
+                )
+            elif self.role is Role.CANDIDATE:
+                self._become_follower(
+                    now, Cause.NODE_ID_CONFLICT, "another process uses this node id", out
+                )
+
+    def _twin_yields(self, now: float, out: list[Output] | None = None) -> bool:
+        """Whether a live twin holds us back from standing; reports the end of a conflict."""
+        if self._twin is None:
+            return False
+        if now - self._twin_heard_at <= self.timing.member_expiry_for(self._group_size()):
+            return self.incarnation > self._twin
+        if out is not None:
+            yielding = self.incarnation > self._twin
+            out.append(
+                NodeIdConflict(
+                    node_id=self.node_id,
+                    other_incarnation=self._twin,
+                    yielding=yielding,
+                    resolved=True,
+                )
+            )
+            self._twin = None
+        return False
+
+    def _may_stand(self, now: float) -> bool:
+        return not self._suspended and not self._twin_yields(now)
 
     def _on_heartbeat(self, m: Message, now: float, out: list[Output]) -> None:
         if m.sender == self.node_id:
@@ -639,14 +807,16 @@ class Election:
         if self.role is Role.LEADER:
             if m.term > self._lease_term:
                 # Only the key's holder can publish a heartbeat: ours is gone.
-                self._step_down(now, f"{m.sender} leads term {m.term}", out, release=False)
+                self._step_down(
+                    now, Cause.OTHER_LEADER, f"{m.sender} leads term {m.term}", out, release=False
+                )
             else:
                 return  # a stale heartbeat of an older leadership
         live = self._live_leader(now)
         if live is not None and live != m.sender and m.term < self.leader_term:
             return  # delayed beat of an older leader
         if self.role is Role.CANDIDATE:
-            self._become_follower(now, f"{m.sender} leads term {m.term}", out)
+            self._become_follower(now, Cause.OTHER_LEADER, f"{m.sender} leads term {m.term}", out)
         self._set_leader(m.sender, m.term, now, out)
         self._wait_from = now
 
@@ -657,7 +827,7 @@ class Election:
                 # Not for a named successor (see _on_handover): only a timeout means that the
                 # group went a whole round without electing anyone.
                 self._backoff = min(self._backoff + 1, MAX_BACKOFF)
-                self._stand(now, out, "election timeout")
+                self._stand(now, out, Cause.ELECTION_TIMEOUT, "election timeout")
             return
         if m.sender == self.leader_id and m.sender != self.node_id:
             # The leader we followed now beats as a follower: it stepped down.
@@ -690,7 +860,9 @@ class Election:
         if self.role is Role.CANDIDATE:
             if candidacy is None or candidacy.term is None or m.term <= candidacy.term:
                 return
-            self._become_follower(now, f"{m.sender} stands in higher term {m.term}", out)
+            self._become_follower(
+                now, Cause.SUPERSEDED, f"{m.sender} stands in higher term {m.term}", out
+            )
         if m.term < self.term or m.term < self.voted_term:
             return  # an older election: the winner must not carry a stale fencing token
         if m.term == self.voted_term and self.voted_for != m.sender:
@@ -716,7 +888,9 @@ class Election:
         if self.leader_id == m.sender:
             self._lose_leader(now, out)
         if m.target == self.node_id and self.role is Role.FOLLOWER and self.connected:
-            self._stand(now, out, f"named successor of {m.sender}")  # no timeout to wait out
+            self._stand(
+                now, out, Cause.NAMED_SUCCESSOR, f"named successor of {m.sender}"
+            )  # no timeout to wait out
         elif self.role is Role.FOLLOWER:
             self._new_wait(now)  # give the successor its round
 
@@ -724,14 +898,29 @@ class Election:
         if self.leader_id == m.sender and m.sender != self.node_id:
             self._lose_leader(now, out)
 
+    def _on_resign_request(self, m: Message, now: float, out: list[Output]) -> None:
+        # Only the leadership the request names ends: a request for an older term (delayed,
+        # or replayed after this node forgot the sender's sequence) leaves a newer one alone.
+        if m.target != self.node_id or not self.is_leader(now) or m.term != self._lease_term:
+            return
+        self._hand_over(now, Cause.RESIGNED, f"asked to resign by {m.sender}", out)
+
     # ---- transitions --------------------------------------------------------------------------
 
     def _leader_tick(self, now: float, out: list[Output]) -> None:
         if not self.is_leader(now):
-            self._step_down(now, "lease expired before it could be renewed", out, release=True)
+            self._step_down(
+                now,
+                Cause.LEASE_EXPIRED,
+                "lease expired before it could be renewed",
+                out,
+                release=True,
+            )
             return
         if not self._heard_self(now):
-            self._step_down(now, "cannot hear its own heartbeats", out, release=True)
+            self._step_down(
+                now, Cause.CANNOT_HEAR_ITSELF, "cannot hear its own heartbeats", out, release=True
+            )
             return
         # Half a beat of slack: a tick that comes a little early (a timer armed for a deadline
         # that has since moved, scheduler jitter) must not skip a whole beat.
@@ -740,10 +929,13 @@ class Election:
             beat = self._message(Kind.HEARTBEAT, term=self._lease_term, url=self.url)
             out.append(Renew(term=self._lease_term, ttl=self.timing.lease, announce=beat))
 
-    def _stand(self, now: float, out: list[Output], reason: str) -> None:
+    def _stand(self, now: float, out: list[Output], cause: Cause, reason: str) -> None:
+        if not self._may_stand(now):
+            self._new_wait(now)
+            return
         self._lose_leader(now, out)
         self._candidacy = _Candidacy()
-        self._set_role(Role.CANDIDATE, reason, out)
+        self._set_role(Role.CANDIDATE, cause, reason, out)
         self._new_wait(now)
         out.append(AllocateTerm(floor=self.term))
 
@@ -760,10 +952,10 @@ class Election:
         beat = self._message(Kind.HEARTBEAT, term=candidacy.term, url=self.url)
         out.append(Acquire(term=candidacy.term, ttl=self.timing.lease, announce=beat))
 
-    def _hand_over(self, now: float, reason: str, out: list[Output]) -> None:
+    def _hand_over(self, now: float, cause: Cause, reason: str, out: list[Output]) -> None:
         term = self._lease_term
         successor = self._pick_successor(now)
-        self._demote(now, reason, out)
+        self._demote(now, cause, reason, out)
         if successor is None:
             announce = self._message(Kind.LEAVE, term=term)
         else:
@@ -777,29 +969,33 @@ class Election:
         live = [item for item in live if item[0] >= horizon]
         return max(live)[1] if live else None
 
-    def _step_down(self, now: float, reason: str, out: list[Output], *, release: bool) -> None:
+    def _step_down(
+        self, now: float, cause: Cause, reason: str, out: list[Output], *, release: bool
+    ) -> None:
         term = self._lease_term
-        self._demote(now, reason, out)
+        self._demote(now, cause, reason, out)
         if release:
             out.append(Release(term=term, announce=None))
 
-    def _demote(self, now: float, reason: str, out: list[Output]) -> None:
+    def _demote(self, now: float, cause: Cause, reason: str, out: list[Output]) -> None:
         term = self._lease_term
         self.lease_expires_at = float("-inf")
         self._renewing = False
-        self._set_role(Role.FOLLOWER, reason, out)
-        out.append(Demoted(term=term, reason=reason))
+        self._set_role(Role.FOLLOWER, cause, reason, out)
+        out.append(Demoted(term=term, reason=reason, cause=cause))
         self._lose_leader(now, out)
         self._new_wait(now)
 
-    def _become_follower(self, now: float, reason: str, out: list[Output]) -> None:
+    def _become_follower(self, now: float, cause: Cause, reason: str, out: list[Output]) -> None:
         self._candidacy = None
-        self._set_role(Role.FOLLOWER, reason, out)
+        self._set_role(Role.FOLLOWER, cause, reason, out)
         self._new_wait(now)
 
-    def _set_role(self, role: Role, reason: str, out: list[Output]) -> None:
+    def _set_role(self, role: Role, cause: Cause, reason: str, out: list[Output]) -> None:
         if role is not self.role:
-            out.append(RoleChanged(old=self.role, new=role, term=self.term, reason=reason))
+            out.append(
+                RoleChanged(old=self.role, new=role, term=self.term, reason=reason, cause=cause)
+            )
             self.role = role
 
     def _set_leader(self, leader_id: str, term: int, now: float, out: list[Output]) -> None:
@@ -817,8 +1013,9 @@ class Election:
             # A silent leader no longer counts in the electorate, or a two-node group could
             # never reach a majority until the member expired.
             self.members.pop(self.leader_id, None)
+        heard_at = now if self.leader_id == self.node_id else self._leader_heard_at
         self.leader_id = None
-        out.append(LeaderChanged(leader_id=None, term=self.leader_term))
+        out.append(LeaderChanged(leader_id=None, term=self.leader_term, last_heard_at=heard_at))
 
     def _new_wait(self, now: float) -> None:
         self._wait_from = now
@@ -901,11 +1098,14 @@ class Election:
                 member.url = url
 
     def _fresh(self, m: Message) -> bool:
-        last = self._seqs.get(m.sender)
+        # Per incarnation: a process that restarts under its id, or a second process given
+        # the same id, counts from its own start, whatever the other one reached.
+        sender = (m.sender, m.incarnation)
+        last = self._seqs.get(sender)
         if last is not None and m.seq <= last:
             return False
-        self._seqs[m.sender] = m.seq
-        self._seqs.move_to_end(m.sender)
+        self._seqs[sender] = m.seq
+        self._seqs.move_to_end(sender)
         if len(self._seqs) > _MAX_TRACKED_SENDERS:
             self._seqs.popitem(last=False)
         return True
@@ -930,6 +1130,7 @@ class Election:
             seq=self._seq,
             target=target,
             url=url,
+            incarnation=self.incarnation,
         )
 
 
@@ -940,4 +1141,5 @@ _HANDLERS = {
     Kind.VOTE: Election._on_vote,
     Kind.HANDOVER: Election._on_handover,
     Kind.LEAVE: Election._on_leave,
+    Kind.RESIGN_REQUEST: Election._on_resign_request,
 }

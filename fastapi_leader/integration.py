@@ -36,11 +36,9 @@ creates the app (``FastAPI(exception_handlers={NotLeader: ...})``).
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar, overload
 
@@ -52,6 +50,7 @@ from starlette.applications import Starlette
 from starlette.types import Lifespan, Receive, Scope, Send
 
 from .core import Role, Status
+from .events import ElectionObserver, as_observers
 from .service import LeaderElection
 from .settings import LeaderSettings
 
@@ -64,7 +63,6 @@ __all__ = [
     "NotLeader",
     "get_election",
     "leader_lifespan",
-    "leader_only",
     "leader_router",
     "leader_status",
     "require_leader",
@@ -329,12 +327,21 @@ class _ElectionGuard:
     def __init__(self, election: LeaderElection) -> None:
         self.election = election
 
-    async def __call__(self) -> None:
+    async def __call__(self) -> LeaderElection:
         _check_leader(self.election)
+        return self.election
+
+
+async def _route_guard(
+    request: Request, _: Annotated[None, Depends(require_leader)]
+) -> LeaderElection:
+    """The dependency of a route under a bare ``@leader_only``: :func:`require_leader` (so an
+    override of it applies), then the app's election, for the handler to run under."""
+    return get_election(request)
 
 
 def _is_leader_guard(call: object) -> bool:
-    return call is require_leader or isinstance(call, _ElectionGuard)
+    return call in (require_leader, _route_guard) or isinstance(call, _ElectionGuard)
 
 
 # ---- the lifespan -------------------------------------------------------------------------------
@@ -365,6 +372,7 @@ def leader_lifespan(
     election: LeaderElection | None = None,
     *,
     settings: LeaderSettings | None = None,
+    observer: ElectionObserver | Iterable[ElectionObserver] | None = None,
     lifespan: None = None,
 ) -> Callable[[Starlette], AbstractAsyncContextManager[dict[str, Any]]]: ...
 
@@ -374,6 +382,7 @@ def leader_lifespan(
     election: LeaderElection | None = None,
     *,
     settings: LeaderSettings | None = None,
+    observer: ElectionObserver | Iterable[ElectionObserver] | None = None,
     lifespan: Lifespan[_AppT],
 ) -> Callable[[_AppT], AbstractAsyncContextManager[dict[str, Any]]]: ...
 
@@ -382,6 +391,7 @@ def leader_lifespan(
     election: LeaderElection | None = None,
     *,
     settings: LeaderSettings | None = None,
+    observer: ElectionObserver | Iterable[ElectionObserver] | None = None,
     lifespan: Lifespan[_AppT] | None = None,
 ) -> Callable[[_AppT], AbstractAsyncContextManager[dict[str, Any]]]:
     """A lifespan that runs a leader election for the app: ``FastAPI(lifespan=leader_lifespan())``.
@@ -391,6 +401,8 @@ def leader_lifespan(
             ``settings``.
         settings: settings for that election; by default read from ``LEADER_*`` variables
             (at startup). Give ``election`` or ``settings``, not both.
+        observer: one :class:`~fastapi_leader.events.ElectionObserver` or several, for the
+            election: added to ``election`` (before it starts), or given to the one created.
         lifespan: the app's own lifespan, run inside this one: its startup sees a started
             election, and its shutdown runs after the election has stopped.
 
@@ -418,7 +430,13 @@ def leader_lifespan(
 
     @contextlib.asynccontextmanager
     async def run_leader_election(app: _AppT) -> AsyncIterator[dict[str, Any]]:
-        node = election if election is not None else LeaderElection(settings)
+        if election is None:
+            node = LeaderElection(settings, observer=observer)
+        else:
+            node = election
+            for item in as_observers(observer):
+                if item not in node.observers:  # the lifespan may run again (tests do)
+                    node.add_observer(item)
         _document_leader_routes(app)
         _gate_leader_routes(app, node)
         await node.start()
@@ -522,144 +540,6 @@ class _LeaderGate:
             else:
                 _check_leader(self.election)
         return self.app(scope, receive, send)
-
-
-# ---- @leader_only -------------------------------------------------------------------------------
-
-# The keyword parameter @leader_only adds to the signature FastAPI sees. FastAPI resolves its
-# Depends (the 503 on a follower) before the handler runs, and passes it; a plain call does
-# not, which is how the wrapper tells a request from a plain call.
-_GUARD_PARAM = "_fastapi_leader_guard"
-_NOT_PASSED = object()
-
-
-class _LeaderOnly:
-    """The decorator ``leader_only(election)`` returns."""
-
-    def __init__(self, election: LeaderElection | None) -> None:
-        self.election = election
-
-    @overload
-    def __call__(
-        self, func: Callable[_P, Coroutine[Any, Any, _T]], /
-    ) -> Callable[_P, Coroutine[Any, Any, _T | None]]: ...
-
-    @overload
-    def __call__(self, func: Callable[_P, _T], /) -> Callable[_P, _T | None]: ...
-
-    def __call__(self, func: Callable[..., Any], /) -> Callable[..., Any]:
-        return _guard(func, self.election)
-
-
-@overload
-def leader_only(
-    func: Callable[_P, Coroutine[Any, Any, _T]], /
-) -> Callable[_P, Coroutine[Any, Any, _T | None]]: ...
-
-
-@overload
-def leader_only(func: Callable[_P, _T], /) -> Callable[_P, _T | None]: ...
-
-
-@overload
-def leader_only(election: LeaderElection | None = None, /) -> _LeaderOnly: ...
-
-
-def leader_only(target: Any = None, /) -> Any:
-    """Run a route handler or a function on the leader only.
-
-    On a **route handler** (below the route decorator), a follower answers 503 exactly as
-    :func:`require_leader` does, and the lifespan lists the 503 in the route's OpenAPI::
-
-        @app.post("/reindex")
-        @leader_only
-        async def reindex(request: Request) -> dict[str, int]: ...
-
-    On a **plain function** (sync or async: a loop body, an APScheduler job), a call on a
-    follower is skipped, logged at debug level, and returns ``None``::
-
-        @leader_only
-        async def sweep() -> int: ...
-
-    Leadership is read at the moment of the call (for a route: of the request). ``@leader_only``
-    uses the election the lifespan started; ``@leader_only(election)`` binds one explicitly (for
-    a route too). A plain call with no election running raises :class:`RuntimeError`. The
-    signature survives: FastAPI injects the handler's parameters as before, and type checkers
-    see the original parameters, the result becoming ``T | None``.
-    """
-    if target is None or isinstance(target, LeaderElection):
-        return _LeaderOnly(target)
-    if not callable(target):
-        raise TypeError(
-            f"leader_only: expected a function or a LeaderElection, not {type(target).__name__}"
-        )
-    return _guard(target, None)
-
-
-def _guard(func: Callable[..., Any], election: LeaderElection | None) -> Callable[..., Any]:
-    name = getattr(func, "__qualname__", repr(func))
-
-    def skip() -> bool:
-        node = election if election is not None else _current_election()
-        if node.is_leader:
-            return False
-        log.debug("node %s: skipped %s: not the leader", node.node_id, name)
-        return True
-
-    wrapper: Callable[..., Any]
-    if inspect.iscoroutinefunction(func):
-
-        @functools.wraps(func)
-        async def leader_only_async(*args: Any, **kwargs: Any) -> Any:
-            # Passed by FastAPI after its guard let the request through: no second reading,
-            # which could only turn a request the guard admitted into a silent null.
-            if kwargs.pop(_GUARD_PARAM, _NOT_PASSED) is _NOT_PASSED and skip():
-                return None
-            return await func(*args, **kwargs)
-
-        wrapper = leader_only_async
-    else:
-
-        @functools.wraps(func)
-        def leader_only_sync(*args: Any, **kwargs: Any) -> Any:
-            if kwargs.pop(_GUARD_PARAM, _NOT_PASSED) is _NOT_PASSED and skip():
-                return None
-            return func(*args, **kwargs)
-
-        wrapper = leader_only_sync
-
-    guard = require_leader if election is None else _ElectionGuard(election)
-    _set_signature(wrapper, _with_guard(func, guard))
-    return wrapper
-
-
-def _set_signature(func: Callable[..., Any], signature: inspect.Signature) -> None:
-    func.__signature__ = signature  # type: ignore[attr-defined]
-
-
-def _with_guard(func: Callable[..., Any], guard: Callable[..., Any]) -> inspect.Signature:
-    """``func``'s signature plus the guard parameter, for FastAPI to resolve."""
-    try:
-        # Annotations evaluated now, in func's module: FastAPI would evaluate strings (from
-        # ``from __future__ import annotations``) in the wrapper's module, where they mean
-        # nothing.
-        signature = inspect.signature(func, eval_str=True)
-    except (NameError, TypeError, SyntaxError):
-        # A name that exists only for type checkers: leave the strings to FastAPI, which
-        # newer versions resolve in the unwrapped function's module.
-        signature = inspect.signature(func)
-    if _GUARD_PARAM in signature.parameters:
-        raise TypeError(f"leader_only: {func!r} is decorated with @leader_only already")
-    params = list(signature.parameters.values())
-    guard_param = inspect.Parameter(
-        _GUARD_PARAM, inspect.Parameter.KEYWORD_ONLY, default=Depends(guard), annotation=None
-    )
-    # Keyword-only parameters come before **kwargs, if there is one.
-    at = len(params)
-    if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
-        at -= 1
-    params.insert(at, guard_param)
-    return signature.replace(parameters=params)
 
 
 # ---- the /leader router -------------------------------------------------------------------------

@@ -33,6 +33,7 @@ __all__ = [
     "Message",
     "MessageRejected",
     "RejectReason",
+    "looks_signed",
 ]
 
 PROTOCOL_VERSION = 1
@@ -48,7 +49,8 @@ MAX_SIGNATURES = 2
 _HEX_MAC = re.compile(rb"[0-9a-f]{64}")
 _MAX_INT = 2**63 - 1  # terms and sequence numbers stay within a signed 64-bit integer
 _MAX_ID = 64
-_MAX_URL = 512
+MAX_URL_BYTES = 512
+"""The longest advertised URL a message carries (UTF-8 bytes); the settings check the same."""
 
 
 class Kind(str, Enum):
@@ -66,6 +68,9 @@ class Kind(str, Enum):
     """The leader has released its lease and names ``target`` as its successor."""
     LEAVE = "by"
     """The sender leaves the group (graceful shutdown)."""
+    RESIGN_REQUEST = "rs"
+    """An operator (``fastapi-leader resign``) asks ``target``, the leader of ``term``, to hand
+    over; sent to the leader's own channel. The sender is not a member and never becomes one."""
 
 
 class RejectReason(str, Enum):
@@ -89,7 +94,7 @@ class MessageRejected(Exception):
         self.detail = detail
 
 
-_TARGETED = frozenset({Kind.VOTE, Kind.HANDOVER})
+_TARGETED = frozenset({Kind.VOTE, Kind.HANDOVER, Kind.RESIGN_REQUEST})
 _MAY_CARRY_URL = frozenset({Kind.HEARTBEAT, Kind.PRESENCE})
 
 
@@ -97,7 +102,11 @@ _MAY_CARRY_URL = frozenset({Kind.HEARTBEAT, Kind.PRESENCE})
 class Message:
     """One protocol message. ``seq`` grows with every message a sender sends, so receivers can
     drop duplicates and replays; ``target`` names the candidate (vote) or successor (handover);
-    ``url`` is the sender's advertised URL on heartbeats and presence beats."""
+    ``url`` is the sender's advertised URL on heartbeats and presence beats; ``incarnation``
+    tells apart the starts of one ``sender`` id (replay protection counts ``seq`` per
+    incarnation, so a dead process's sequence can never make a live one's messages look
+    replayed). It is omitted on the wire when 0, as nodes before it sent it, so a group can be
+    upgraded node by node."""
 
     kind: Kind
     group: str
@@ -106,6 +115,7 @@ class Message:
     seq: int
     target: str | None = None
     url: str | None = None
+    incarnation: int = 0
 
     def __post_init__(self) -> None:
         # Construction and decoding share these checks, so a message we can build we can read.
@@ -120,7 +130,7 @@ def _invalid(m: Message) -> str | None:
     for name, value in (("group", m.group), ("sender", m.sender)):
         if not _is_text(value, _MAX_ID):
             return f"{name} must be printable text of 1 to {_MAX_ID} UTF-8 bytes"
-    for name, number in (("term", m.term), ("seq", m.seq)):
+    for name, number in (("term", m.term), ("seq", m.seq), ("incarnation", m.incarnation)):
         if type(number) is not int or not 0 <= number <= _MAX_INT:
             return f"{name} must be an integer in [0, 2**63)"
     if m.kind in _TARGETED:
@@ -131,8 +141,17 @@ def _invalid(m: Message) -> str | None:
     if m.url is not None:
         if m.kind not in _MAY_CARRY_URL:
             return f"{m.kind.name} carries no url"
-        if not _is_text(m.url, _MAX_URL):
-            return f"url must be printable text of 1 to {_MAX_URL} UTF-8 bytes"
+        problem = url_problem(m.url)
+        if problem:
+            return problem
+    return None
+
+
+def url_problem(url: object) -> str | None:
+    """What the codec has against ``url`` as an advertised URL, or None: the one rule, shared
+    with the settings so that a URL they accept never fails at :meth:`Codec.encode`."""
+    if not _is_text(url, MAX_URL_BYTES):
+        return f"url must be printable text of 1 to {MAX_URL_BYTES} UTF-8 bytes"
     return None
 
 
@@ -148,7 +167,7 @@ def _is_text(value: object, max_bytes: int) -> bool:
     return 0 < size <= max_bytes
 
 
-_KEYS = {"v", "k", "g", "n", "t", "s", "c", "u"}
+_KEYS = {"v", "k", "g", "n", "t", "s", "c", "u", "i"}
 _REQUIRED = {"v", "k", "g", "n", "t", "s"}
 _KINDS = {kind.value: kind for kind in Kind}
 
@@ -193,6 +212,8 @@ class Codec:
             obj["c"] = message.target
         if message.url is not None:
             obj["u"] = message.url
+        if message.incarnation:
+            obj["i"] = message.incarnation
         body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
         return b"".join(_mac(key, body) for key in self._signing_keys) + body
 
@@ -256,9 +277,16 @@ class Codec:
                 seq=obj["s"],
                 target=obj.get("c"),
                 url=obj.get("u"),
+                incarnation=obj.get("i", 0),
             )
         except ValueError as exc:
             raise MessageRejected(RejectReason.MALFORMED, str(exc)) from None
+
+
+def looks_signed(data: bytes) -> bool:
+    """Whether ``data`` carries a signature, checked or not: it starts with one's hex digits.
+    Tells an observer without the key (``fastapi-leader status``) that the group signs."""
+    return _HEX_MAC.match(data) is not None
 
 
 def _mac(key: bytes, body: bytes) -> bytes:

@@ -3,6 +3,11 @@
 Every duration is in seconds (a float, or a :class:`datetime.timedelta`). The timings are checked
 together at construction, because a lease that outlives the election timeout is exactly the
 misconfiguration that gives two leaders; the error names the fields and the rule they break.
+
+An invalid setting raises :class:`SettingsError`, whose first line names the environment
+variable, the value given and the rule (``LEADER_LEASE='abc' (lease): Input should be a valid
+number``): under uvicorn, that is the line printed last, where a reader looks first, instead of
+pydantic's traceback with its links (the :class:`pydantic.ValidationError` stays available).
 """
 
 from __future__ import annotations
@@ -15,12 +20,27 @@ from collections.abc import Mapping
 from datetime import timedelta
 from types import MappingProxyType
 from typing import Annotated, Any, ClassVar, Literal
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
-from pydantic import BeforeValidator, Field, FilePath, SecretStr, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["LeaderSettings"]
+from .core import Timing
+from .messages import url_problem
+from .redis_url import is_tls, parse_broker_url, redact_url
+
+# The protocol's defaults live in the core's Timing; the settings only name them.
+_DEFAULTS = Timing()
+
+__all__ = ["LeaderSettings", "SettingsError"]
 
 # Names travel in every message and in channel names: keep them short and unambiguous.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
@@ -35,8 +55,14 @@ def _seconds(value: Any) -> Any:
 Seconds = Annotated[float, BeforeValidator(_seconds), Field(gt=0, allow_inf_nan=False)]
 
 
-def _new_node_id() -> str:
+def new_node_id() -> str:
+    """A fresh random node id: 16 hex digits."""
     return uuid.uuid4().hex[:16]
+
+
+# The app-loop watchdog reads the loop four times a second: a limit under a second would hand
+# the leadership over on a stall it cannot measure to better than a quarter of it.
+MIN_LOOP_STALL_LIMIT = 1.0
 
 
 # The TLS settings, and the redis-py connection arguments they become.
@@ -63,6 +89,75 @@ def _ssl_reason(exc: BaseException) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
 
 
+ENV_PREFIX = "LEADER_"
+
+# Values never repeated in an error message.
+_SECRET_FIELDS = frozenset(
+    {"secret", "previous_secret", "ssl_keyfile_password", "sentinel_password"}
+)
+
+
+class SettingsError(ValueError):
+    """A setting is invalid. The first line of the message names the environment variable, the
+    value given and the rule it breaks (one line per invalid setting follows, if several).
+
+    ``validation_error`` is pydantic's own :class:`~pydantic.ValidationError`."""
+
+    def __init__(self, message: str, validation_error: ValidationError) -> None:
+        super().__init__(message)
+        self.validation_error = validation_error
+
+    def errors(self) -> list[Any]:
+        """pydantic's error list (``validation_error.errors()``)."""
+        return list(self.validation_error.errors())
+
+
+def _shown(field: str, value: Any) -> str:
+    """A given value as an error message may show it: secrets hidden, passwords masked."""
+    if field in _SECRET_FIELDS:
+        return "'***'"
+    if isinstance(value, SecretStr):
+        return "'***'"
+    if field == "redis_url" and isinstance(value, str):
+        value = redact_url(value)
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}...{text[-12:]}"
+
+
+def _first_field(message: str, fields: list[str]) -> str | None:
+    """The field a model-wide rule's message names first."""
+    found = [
+        (match.start(), name)
+        for name in fields
+        if (match := re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", message))
+    ]
+    return min(found)[1] if found else None
+
+
+def _settings_error(exc: ValidationError, given: Mapping[str, Any]) -> SettingsError:
+    fields = list(LeaderSettings.model_fields)
+    lines = []
+    for error in exc.errors():
+        rule = str(error["msg"]).removeprefix("Value error, ")
+        loc = error.get("loc") or ()
+        field = str(loc[0]) if loc else _first_field(rule, fields)
+        if field is None:
+            lines.append(rule)
+            continue
+        raw = error.get("input")
+        if not loc:
+            raw = raw.get(field) if isinstance(raw, dict) else None
+        env = f"{ENV_PREFIX}{field.upper()}"
+        value = "" if raw is None else f"={_shown(field, raw)}"
+        if field in given:
+            lines.append(f"{field}{value} ({env}): {rule}")
+        else:
+            lines.append(f"{env}{value} ({field}): {rule}")
+    if len(lines) > 1:
+        lines.append(f"({len(lines)} invalid settings)")
+    return SettingsError("\n".join(lines), exc)
+
+
 class LeaderSettings(BaseSettings):
     """Configuration of one node of an election group.
 
@@ -71,7 +166,7 @@ class LeaderSettings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="LEADER_",
+        env_prefix=ENV_PREFIX,
         env_file=".env",
         extra="ignore",
         frozen=True,
@@ -95,15 +190,56 @@ class LeaderSettings(BaseSettings):
     renewals may be lost), ``election_timeout_min`` = ``lease`` + one heartbeat, and a narrow
     random spread (50 ms; contested rounds widen it by themselves) so that a failover lands
     between 1.0 and 1.25 x ``election_timeout_min`` plus one election round. The price: twice
-    the leader's Redis commands (20/s) and of every follower's heartbeats to read, and a stall
-    of the leader's event loop beyond about 100 ms (a long GC, a blocking call) costs the
-    leadership. Meant for a LAN or one host, and for hosts with CPU to spare (100 nodes of it
-    take most of two cores); keep the defaults across data centres."""
+    the leader's Redis commands (20/s) and of every follower's heartbeats to read, and a pause
+    of the leader's process beyond about 100 ms (a long GC, a C call holding the GIL) costs the
+    leadership; stalls of the app's event loop do not. Meant for a LAN or one host, and for
+    hosts with CPU to spare (100 nodes of it take most of two cores); keep the defaults across
+    data centres."""
+
+    ECONOMY_PROFILE: ClassVar[Mapping[str, float]] = MappingProxyType(
+        {
+            "heartbeat_interval": 3.0,
+            "lease": 12.0,
+            "election_timeout_min": 15.0,
+            "election_timeout_max": 20.0,
+            "member_expiry": 36.0,
+        }
+    )
+    """The timings of :meth:`economy`: the fewest Redis commands, for a Redis billed per
+    command (Upstash and others), at the price of a crash failover of 15 to 20 seconds.
+
+    The default's proportions at 30 x the heartbeat: ``lease`` = 4 heartbeats, the election
+    timeout from ``lease`` + one heartbeat, and followers' presence every 12 s (three per
+    ``member_expiry``). A group of 3 sends about 0.5 commands a second (the leader's renewal
+    every 3 s and two presences every 12 s); a graceful handover stays as fast as at the
+    defaults, since it waits on no timeout. The README's Tuning section has commands per day
+    for each profile."""
+
+    def __init__(self, **values: Any) -> None:
+        """Read the settings; keyword arguments win over the environment and ``.env``.
+
+        Raises:
+            SettingsError: a setting is invalid (the message's first line says which, with the
+                value given and the rule).
+        """
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            # The pydantic error and its traceback add 50 lines and name fields, not the
+            # variables a deployment sets: say it in one line (the error is kept on it).
+            raise _settings_error(exc, values) from None
 
     redis_url: str = Field(default="redis://localhost:6379/0", repr=False)
-    """Redis (or Valkey) to use as the broker: ``redis://``, ``rediss://`` (TLS) or ``unix://``;
-    ``redis://user:password@host:6379/0`` for ACL users. The password is never logged.
-    ``memory://`` elects among the nodes of this one process (development and tests)."""
+    """Redis (or Valkey) to use as the broker: ``redis://``, ``rediss://`` (TLS) or ``unix://``
+    for one server; ``redis+cluster://host:port[,host:port...]`` for Redis Cluster;
+    ``redis+sentinel://host:port[,host:port...]/service_name[/db]`` for Sentinel (and their
+    ``rediss+`` TLS forms). ``redis://user:password@host:6379/0`` for ACL users. The password is
+    never logged. ``memory://`` elects among the nodes of this one process (development and
+    tests)."""
+
+    sentinel_password: SecretStr | None = None
+    """The sentinels' own password (their ``requirepass``), for ``redis+sentinel://`` URLs whose
+    sentinels require one; the URL's user and password are those of the primary."""
 
     group: str = "default"
     """The service's name. Nodes of different groups on one Redis never see each other."""
@@ -111,29 +247,33 @@ class LeaderSettings(BaseSettings):
     channel_prefix: str = "fastapi-leader"
     """Prefix of every channel and key this library uses on Redis."""
 
-    node_id: str = Field(default_factory=_new_node_id)
-    """This node's id, unique in the group. Default: a fresh random id per process."""
+    node_id: str | None = None
+    """This node's id, unique in the group. Default (unset): a fresh random id drawn when the
+    election starts, in the process that runs it, so that every worker forked from one parent
+    (``gunicorn --preload``, ``multiprocessing``) is a node of its own. Set it only to a value
+    unique per process (not ``$HOSTNAME`` with ``--workers 2``): two live processes with one
+    id are detected and reported, and the later one does not stand for election."""
 
-    heartbeat_interval: Seconds = 0.1
+    heartbeat_interval: Seconds = _DEFAULTS.heartbeat_interval
     """How often the leader renews its lease and broadcasts a heartbeat. 100 ms keeps crash
     failover under a second while costing one Redis command per beat."""
 
-    lease: Seconds = 0.4
+    lease: Seconds = _DEFAULTS.lease
     """How long a renewal keeps the leadership valid, counted from when the renewal was sent.
     Four heartbeats: three renewals can be lost before the leader steps down."""
 
-    election_timeout_min: Seconds = 0.5
+    election_timeout_min: Seconds = _DEFAULTS.election_timeout_min
     """Shortest silence from the leader after which a follower stands for election. At least
     the lease plus one heartbeat, so the old lease has ended before anyone can win."""
 
-    election_timeout_max: Seconds = 0.7
+    election_timeout_max: Seconds = _DEFAULTS.election_timeout_max
     """Longest such silence; each wait draws a random timeout in [min, max] so that followers do
     not all stand at once. In a group of N > 4 members the spread above the minimum is N/4
     times wider, so that the earliest of the N draws still falls in [min, max] while the others
     stay clear of its round; after a node stood without a leader coming of it (a contested or
     overloaded round), its spread doubles, up to 4 x, until a leader is heard."""
 
-    member_expiry: Seconds = 1.0
+    member_expiry: Seconds = _DEFAULTS.member_expiry
     """A node not heard from for this long leaves the member table (and the vote count).
     Followers announce themselves three times per expiry; in a group larger than
     ``member_expiry / 3 / heartbeat_interval`` members they announce themselves once every
@@ -173,13 +313,21 @@ class LeaderSettings(BaseSettings):
     """Whether the server's certificate must name the host of ``redis_url`` (a DNS name or an
     IP address in its subject alternative names). Ignored when ``ssl_cert_reqs`` is ``none``."""
 
+    loop_stall_limit: Seconds = 10.0
+    """How long the application's event loop may go without running before this node gives
+    up the leadership. The election runs on a thread of its own, so shorter stalls (a sync
+    call in an ``async def`` route, a big JSON encode) never cost the lead; a loop stuck this
+    long means the leader's work is not getting done, so the node hands over and stands again
+    only once its loop has run smoothly for 5 s (or this limit, if shorter). Larger: a slow
+    app keeps the lead longer; smaller: a hung app loses it sooner. At least 1 s."""
+
     advertise_url: str | None = None
     """A URL at which other nodes (and clients redirected from followers) can reach this node."""
 
     @field_validator("group", "channel_prefix", "node_id")
     @classmethod
-    def _check_name(cls, value: str) -> str:
-        if not _NAME.fullmatch(value):
+    def _check_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.fullmatch(value):
             raise ValueError(
                 "must be 1 to 64 characters of letters, digits, '_', '.' or '-', "
                 "starting with a letter or digit"
@@ -189,12 +337,7 @@ class LeaderSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
-        scheme = urlsplit(value).scheme
-        if scheme not in ("redis", "rediss", "unix", "memory"):
-            raise ValueError(
-                "scheme must be redis://, rediss://, unix:// or memory:// (one process only), "
-                f"not {scheme or 'none'}://"
-            )
+        parse_broker_url(value)  # its ValueError is one line, and never quotes the password
         return value
 
     @field_validator("advertise_url")
@@ -205,8 +348,9 @@ class LeaderSettings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("must be an absolute http:// or https:// URL")
-        if len(value) > 512:
-            raise ValueError("must be at most 512 characters")
+        problem = url_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("secret", "previous_secret")
@@ -235,6 +379,11 @@ class LeaderSettings(BaseSettings):
             raise ValueError(
                 f"election_timeout_max ({tmax}) must not be below election_timeout_min ({tmin})"
             )
+        if self.loop_stall_limit < MIN_LOOP_STALL_LIMIT:
+            raise ValueError(
+                f"loop_stall_limit ({self.loop_stall_limit}) must be at least "
+                f"{MIN_LOOP_STALL_LIMIT:g} s: the app's loop is read four times a second"
+            )
         if self.member_expiry < 2 * hb:
             raise ValueError(
                 f"member_expiry ({self.member_expiry}) must be at least 2 x "
@@ -261,9 +410,10 @@ class LeaderSettings(BaseSettings):
         chosen = [name for name in _TLS_FIELDS if name in self.model_fields_set]
         if not chosen:
             return self
-        if urlsplit(self.redis_url).scheme != "rediss":
+        if not is_tls(self.redis_url):
             raise ValueError(
-                f"{', '.join(chosen)} only apply to TLS connections: redis_url must be rediss://"
+                f"{', '.join(chosen)} only apply to TLS connections: redis_url must be rediss:// "
+                "(or rediss+cluster://, rediss+sentinel://)"
             )
         in_url = set(parse_qs(urlsplit(self.redis_url).query))
         for name in chosen:
@@ -340,7 +490,7 @@ class LeaderSettings(BaseSettings):
         """The TLS settings as keyword arguments for redis-py's connections; empty unless
         ``redis_url`` is ``rediss://``. (redis-py lets ``ssl_*`` options in the URL's query
         string override these.)"""
-        if urlsplit(self.redis_url).scheme != "rediss":
+        if not is_tls(self.redis_url):
             return {}
         options: dict[str, Any] = {
             # Always passed: redis-py's own default for the hostname check changed over time.
@@ -369,12 +519,23 @@ class LeaderSettings(BaseSettings):
         """
         return cls(**{**cls.FAST_PROFILE, **overrides})
 
+    @classmethod
+    def economy(cls, **overrides: Any) -> LeaderSettings:
+        """Settings with the :attr:`ECONOMY_PROFILE` timings (3 s heartbeats, election timeout
+        15 to 20 s): a group of 3 sends 0.5 commands a second instead of 17 at the defaults,
+        for a crash failover of 15 to 20 s. Graceful handovers (deploys, ``resign()``) stay a
+        few round trips.
+
+        Overrides and the environment work as for :meth:`fast`; through the environment
+        alone::
+
+            LEADER_HEARTBEAT_INTERVAL=3 LEADER_LEASE=12 LEADER_ELECTION_TIMEOUT_MIN=15
+            LEADER_ELECTION_TIMEOUT_MAX=20 LEADER_MEMBER_EXPIRY=36
+        """
+        return cls(**{**cls.ECONOMY_PROFILE, **overrides})
+
     @property
     def redis_url_redacted(self) -> str:
-        """``redis_url`` with any password replaced by ``***``, safe to log."""
-        parts = urlsplit(self.redis_url)
-        if parts.password is None:
-            return self.redis_url
-        host = parts.netloc.rpartition("@")[2]  # as written: keeps IPv6 brackets and the port
-        user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        """``redis_url`` with every password replaced by ``***``, safe to log: the transport's
+        own redaction (:func:`fastapi_leader.redis_url.redact_url`)."""
+        return redact_url(self.redis_url)

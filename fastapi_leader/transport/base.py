@@ -15,7 +15,10 @@ class BrokerUnavailable(ConnectionError):
 @dataclass(frozen=True, slots=True)
 class Names:
     """Channel and key names of one node in one group. Everything lives under
-    ``{prefix}:{group}``, so one ACL pattern covers a group (see the README)."""
+    ``<prefix>:{<group>}``, so one ACL pattern covers a group (see the docs: Security), and the
+    braces make the group a Redis Cluster hash tag: every key and channel of a group hashes to
+    one slot, so the scripts (which touch two keys and publish) run on one node, and the group's
+    sharded pub/sub lives on that node too."""
 
     prefix: str
     group: str
@@ -23,7 +26,8 @@ class Names:
 
     @property
     def base(self) -> str:
-        return f"{self.prefix}:{self.group}"
+        """``<prefix>:{<group>}``: the hash tag ``{<group>}`` decides the cluster slot."""
+        return f"{self.prefix}:{{{self.group}}}"
 
     @property
     def broadcast(self) -> str:

@@ -6,10 +6,12 @@ process; each node talks to it through its own :class:`MemoryTransport`::
     broker = MemoryBroker()
     a = MemoryTransport(broker, Names("fastapi-leader", "billing", "a"))
 
-Like Redis pub/sub, delivery is asynchronous (scheduled with ``loop.call_soon``, so a message
-is never delivered inside ``publish``), in publish order for each subscriber, and at most once:
-a message for a node that is disconnected or closed when it comes due is dropped. Keys expire
-against ``time.monotonic()``. The four operations are atomic because nothing in them awaits.
+Like Redis pub/sub, delivery is asynchronous (scheduled with ``loop.call_soon_threadsafe`` on
+the subscriber's own loop, so a message is never delivered inside ``publish``), in publish order
+for each subscriber, and at most once: a message for a node that is disconnected or closed when
+it comes due is dropped. Keys expire against ``time.monotonic()``. The four operations are
+atomic: nothing in them awaits, and they hold the broker's lock, so nodes on several threads
+(and a test's thread calling :meth:`MemoryBroker.disconnect`) share one broker safely.
 
 Faults for tests: :meth:`MemoryBroker.disconnect` cuts one node off (its sink hears
 ``connection_lost``, it hears no messages and its commands raise :class:`BrokerUnavailable`),
@@ -20,13 +22,31 @@ as a Redis restart does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import math
+import threading
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from .base import BrokerUnavailable, Names, Sink
 
 __all__ = ["MemoryBroker", "MemoryTransport"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    """Run ``method`` holding its broker's lock (``self._broker`` or ``self``)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        broker = getattr(self, "_broker", self)
+        with broker._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class MemoryBroker:
@@ -39,9 +59,11 @@ class MemoryBroker:
         self._keys: dict[str, tuple[str, float | None]] = {}
         self._disconnected: set[str] = set()
         self._started: dict[str, MemoryTransport] = {}
+        self._lock = threading.RLock()
 
     # -- test helpers ------------------------------------------------------------------------
 
+    @_locked
     def disconnect(self, node_id: str) -> None:
         """Cut node ``node_id`` off: it hears ``connection_lost``, receives nothing, and its
         commands (and a ``start``) raise :class:`BrokerUnavailable` until :meth:`reconnect`."""
@@ -53,6 +75,7 @@ class MemoryBroker:
             transport._connection_epoch += 1
             transport._schedule(transport._connection_lost)
 
+    @_locked
     def reconnect(self, node_id: str) -> None:
         """Let node ``node_id`` back in; a started node hears ``connection_restored``."""
         if node_id not in self._disconnected:
@@ -62,6 +85,7 @@ class MemoryBroker:
         if transport is not None:
             transport._schedule(transport._connection_restored)
 
+    @_locked
     def flush(self) -> None:
         """Drop every key, as a Redis restart without persistence does."""
         self._keys.clear()
@@ -98,6 +122,7 @@ class MemoryBroker:
             if self.is_connected(transport.names.node_id):
                 transport._schedule(transport._deliver, data, transport._connection_epoch)
 
+    @_locked
     def _register(self, transport: MemoryTransport) -> None:
         node_id = transport.names.node_id
         if node_id in self._started:
@@ -106,6 +131,7 @@ class MemoryBroker:
         for channel in (transport.names.broadcast, transport.names.own_channel):
             self._subscribers.setdefault(channel, {})[transport] = None
 
+    @_locked
     def _unregister(self, transport: MemoryTransport) -> None:
         if self._started.get(transport.names.node_id) is transport:
             del self._started[transport.names.node_id]
@@ -165,49 +191,54 @@ class MemoryTransport:
 
     async def publish(self, data: bytes, to: str | None = None) -> None:
         """Publish on the broadcast channel, or on node ``to``'s own channel."""
-        self._check()
-        self._broker._publish(
-            self.names.broadcast if to is None else self.names.node_channel(to), data
-        )
+        with self._broker._lock:
+            self._check()
+            self._broker._publish(
+                self.names.broadcast if to is None else self.names.node_channel(to), data
+            )
 
     async def allocate_term(self, floor: int) -> int:
         """Set the term counter to ``max(counter, floor) + 1`` and return it."""
-        self._check()
-        term = max(int(self._broker._get(self.names.term_key) or 0), int(floor)) + 1
-        self._broker._set(self.names.term_key, str(term), None)
-        return term
+        with self._broker._lock:
+            self._check()
+            term = max(int(self._broker._get(self.names.term_key) or 0), int(floor)) + 1
+            self._broker._set(self.names.term_key, str(term), None)
+            return term
 
     async def acquire(self, term: int, ttl: float, announce: bytes) -> bool:
         """Take the leader key if nobody holds it, announcing on the broadcast channel."""
         ttl_ms = _ttl_ms(ttl)
-        self._check()
-        if self._broker._get(self.names.leader_key) is not None:
-            return False
-        if int(self._broker._get(self.names.term_key) or 0) > term:
-            return False  # a newer term exists: this leadership would carry a stale token
-        self._broker._set(self.names.leader_key, self.names.holder(term), ttl_ms)
-        self._broker._publish(self.names.broadcast, announce)
-        return True
+        with self._broker._lock:
+            self._check()
+            if self._broker._get(self.names.leader_key) is not None:
+                return False
+            if int(self._broker._get(self.names.term_key) or 0) > term:
+                return False  # a newer term exists: this leadership would carry a stale token
+            self._broker._set(self.names.leader_key, self.names.holder(term), ttl_ms)
+            self._broker._publish(self.names.broadcast, announce)
+            return True
 
     async def renew(self, term: int, ttl: float, announce: bytes) -> bool:
         """Reset the leader key's TTL if it holds ``holder(term)``, announcing the renewal."""
         ttl_ms = _ttl_ms(ttl)
-        self._check()
-        if self._broker._get(self.names.leader_key) != self.names.holder(term):
-            return False
-        self._broker._set(self.names.leader_key, self.names.holder(term), ttl_ms)
-        self._broker._publish(self.names.broadcast, announce)
-        return True
+        with self._broker._lock:
+            self._check()
+            if self._broker._get(self.names.leader_key) != self.names.holder(term):
+                return False
+            self._broker._set(self.names.leader_key, self.names.holder(term), ttl_ms)
+            self._broker._publish(self.names.broadcast, announce)
+            return True
 
     async def release(self, term: int, announce: bytes | None) -> bool:
         """Delete the leader key if it holds ``holder(term)``, announcing it if asked."""
-        self._check()
-        if self._broker._get(self.names.leader_key) != self.names.holder(term):
-            return False
-        self._broker._delete(self.names.leader_key)
-        if announce:
-            self._broker._publish(self.names.broadcast, announce)
-        return True
+        with self._broker._lock:
+            self._check()
+            if self._broker._get(self.names.leader_key) != self.names.holder(term):
+                return False
+            self._broker._delete(self.names.leader_key)
+            if announce:
+                self._broker._publish(self.names.broadcast, announce)
+            return True
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -218,7 +249,8 @@ class MemoryTransport:
 
     def _schedule(self, callback: Callable[..., None], *args: object) -> None:
         if self._loop is not None and not self._closed:
-            self._loop.call_soon(callback, *args)
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody to tell
+                self._loop.call_soon_threadsafe(callback, *args)
 
     def _deliver(self, data: bytes, connection_epoch: int) -> None:
         if (

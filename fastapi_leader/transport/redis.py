@@ -1,6 +1,21 @@
 """The Redis (or Valkey) transport: pub/sub for messages, Lua scripts for the group's keys.
 
-Each node holds exactly two connections:
+Three topologies (see :mod:`fastapi_leader.redis_url` for their URLs):
+
+- **one server** (``redis://``): a pool of one connection for commands, one for the subscriber.
+- **Redis Cluster** (``redis+cluster://``): redis-py's cluster client for the commands (it
+  follows MOVED and ASK, and re-reads the slot map after a connection error), and the
+  subscriber on the primary of the group's slot with sharded pub/sub (SSUBSCRIBE, SPUBLISH:
+  Redis 7 or later). Every key and channel of a group carries the group as its hash tag, so the
+  group lives on one slot. When that slot's primary goes away (or the server unsubscribes the
+  shard channels, as Redis does when a slot moves), the subscriber reads the slot map again
+  and resubscribes on the new owner. The cluster client is shared by the process's nodes on
+  one cluster (one pool per cluster node); each node keeps its own subscriber connection.
+- **Sentinel** (``redis+sentinel://``): both connections ask the sentinels for the primary each
+  time they connect, and reconnect on a connection loss or a ``READONLY`` reply (the primary
+  they knew was demoted).
+
+Each node holds two connections (to the group's one server, or its primary):
 
 - a **command connection** (a pool capped at one connection) for PUBLISH and the four scripts.
   Every command is bounded by ``command_timeout``; a failed one raises
@@ -25,18 +40,28 @@ import contextlib
 import logging
 import math
 import random
-import re
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
+from redis._parsers import AsyncCommandsParser
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.connection import parse_url
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 from redis.typing import EncodableT
 
+from ..redis_url import BrokerURL, parse_broker_url, redact_url
 from ..settings import LeaderSettings
 from .base import BrokerUnavailable, Names, Sink
 
@@ -68,23 +93,24 @@ else:
 _T = TypeVar("_T")
 
 # The reader waits this long for a frame before checking the connection's health, so a
-# SIGSTOPped server is noticed within _IDLE_BEFORE_PING + _PING_TIMEOUT + _POLL_INTERVAL.
+# SIGSTOPped server is noticed within idle_before_ping + _PING_TIMEOUT + _POLL_INTERVAL.
 _POLL_INTERVAL = 0.25
-# Silence on the subscriber connection before it is PINGed. A healthy group is never this quiet
-# (the leader beats every 100 ms), so the PINGs cost nothing while a leader is alive.
+# Silence on the subscriber connection before it is PINGed, at the least. A healthy group is
+# never this quiet (the leader beats every 100 ms at the defaults; slower profiles pass a longer
+# silence), so the PINGs cost nothing while a leader is alive.
 _IDLE_BEFORE_PING = 0.5
 # No frame at all this long after a PING: the connection is dead even without an RST.
 _PING_TIMEOUT = 1.0
 _PING_PAYLOAD = b"fastapi-leader-ping"
 
-_PASSWORD_OPTION = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
-
 # Resubscription backoff: quick for a blip, at most about a second apart for an outage.
 _BACKOFF_FIRST = 0.05
 _BACKOFF_CAP = 1.0
 
-# Scripts take their key as KEYS[1] (so a cluster would route them by it) and the broadcast
-# channel as an argument: channels are not keys. Values are compared as strings.
+# Scripts touch only the keys passed in KEYS (Redis Cluster and Dragonfly require it); the
+# broadcast channel is an argument (channels are not keys), in the same slot as the keys through
+# the group's hash tag. Values are compared as strings. ``{publish}`` is PUBLISH, or SPUBLISH on
+# a cluster (sharded pub/sub).
 _ALLOCATE_TERM = """
 local current = tonumber(redis.call('GET', KEYS[1])) or 0
 if tonumber(ARGV[1]) > current then
@@ -100,7 +126,7 @@ if (tonumber(redis.call('GET', KEYS[2])) or 0) > tonumber(ARGV[5]) then
     return 0
 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    redis.call('PUBLISH', ARGV[3], ARGV[4])
+    redis.call('{publish}', ARGV[3], ARGV[4])
     return 1
 end
 return 0
@@ -109,7 +135,7 @@ return 0
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    redis.call('PUBLISH', ARGV[3], ARGV[4])
+    redis.call('{publish}', ARGV[3], ARGV[4])
     return 1
 end
 return 0
@@ -119,7 +145,7 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
     if ARGV[3] ~= '' then
-        redis.call('PUBLISH', ARGV[2], ARGV[3])
+        redis.call('{publish}', ARGV[2], ARGV[3])
     end
     return 1
 end
@@ -127,12 +153,15 @@ return 0
 """
 
 
-# Every command a node sends: PING (at start, and on a quiet subscriber connection), SCRIPT LOAD
-# and EVALSHA for the four scripts above, and the commands those scripts run on the group's two
-# keys and broadcast channel; PUBLISH of votes to a node's own channel; SUBSCRIBE and, when
-# closing, UNSUBSCRIBE. Keep this in step with the scripts: the ACL test runs a cluster under
-# exactly this rule and fails on any command it denies.
+# Every command a node sends: HELLO and PING at start (HELLO tells the server's version, mode and
+# role), PING on a quiet subscriber connection, SCRIPT LOAD and EVALSHA for the four scripts
+# above, and the commands those scripts run on the group's two keys and broadcast channel;
+# PUBLISH of votes to a node's own channel; SUBSCRIBE and, when closing, UNSUBSCRIBE. On a
+# cluster the pub/sub commands are the sharded ones, and the cluster client reads the slot map
+# (CLUSTER SLOTS) and the command table (COMMAND). Keep this in step with the scripts: the ACL
+# test runs a group under exactly this rule and fails on any command it denies.
 _COMMANDS = (
+    "hello",
     "ping",
     "script|load",
     "evalsha",
@@ -141,10 +170,14 @@ _COMMANDS = (
     "incr",
     "pexpire",
     "del",
-    "publish",
-    "subscribe",
-    "unsubscribe",
 )
+_PUBSUB_COMMANDS = ("publish", "subscribe", "unsubscribe")
+_CLUSTER_COMMANDS = ("spublish", "ssubscribe", "sunsubscribe", "cluster|slots", "command")
+
+# HELLO (6.0) answers the version, mode and role in one reply; channel ACL rules (``&``) came
+# with 6.2; sharded pub/sub with 7.0.
+_MIN_VERSION = (6, 2)
+_MIN_CLUSTER_VERSION = (7, 0)
 
 
 def acl_rule(settings: LeaderSettings) -> list[str]:
@@ -157,17 +190,21 @@ def acl_rule(settings: LeaderSettings) -> list[str]:
     "on", ">" + password, *acl_rule(settings))``, and give the nodes ``redis://<user>:<password>@
     ...``. For the default prefix and a group ``billing`` the rules are::
 
-        resetkeys ~fastapi-leader:billing:leader ~fastapi-leader:billing:term
-        resetchannels &fastapi-leader:billing &fastapi-leader:billing:node:*
-        -@all +ping +script|load +evalsha +get +set +incr +pexpire +del +publish +subscribe
-        +unsubscribe
+        resetkeys ~fastapi-leader:{billing}:leader ~fastapi-leader:{billing}:term
+        resetchannels &fastapi-leader:{billing} &fastapi-leader:{billing}:node:*
+        -@all +hello +ping +script|load +evalsha +get +set +incr +pexpire +del +publish
+        +subscribe +unsubscribe
 
-    plus ``+client|setname`` when ``redis_url`` sets a ``client_name``, and ``+select`` when it
-    names a database other than 0. Names cannot contain ``:`` or glob characters (the settings
-    refuse them), so no other group's names match these patterns. Needs Redis 6.2 or later
-    (or Valkey): channel rules (``&``) came with 6.2.
+    On a cluster (``redis+cluster://``) the pub/sub commands are the sharded ones (``+spublish
+    +ssubscribe +sunsubscribe``), plus ``+cluster|slots +command`` for the cluster client. Plus
+    ``+client|setname`` when ``redis_url`` sets a ``client_name``, and ``+select`` when it names a
+    database other than 0. Names cannot contain ``:``, braces or glob characters (the settings
+    refuse them), so no other group's names match these patterns. Needs Redis 6.2 or later (or
+    Valkey): channel rules (``&``) came with 6.2.
     """
-    names = Names(settings.channel_prefix, settings.group, settings.node_id)
+    names = Names(settings.channel_prefix, settings.group, settings.node_id or "*")
+    url = parse_broker_url(settings.redis_url)
+    pubsub = _CLUSTER_COMMANDS if url.topology == "cluster" else _PUBSUB_COMMANDS
     rules = [
         "resetkeys",
         f"~{names.leader_key}",
@@ -176,32 +213,20 @@ def acl_rule(settings: LeaderSettings) -> list[str]:
         f"&{names.broadcast}",
         f"&{names.node_channel('*')}",
         "-@all",
-        *(f"+{command}" for command in _COMMANDS),
+        *(f"+{command}" for command in (*_COMMANDS, *pubsub)),
     ]
-    if settings.redis_url.startswith("memory://"):
+    if url.topology == "memory":
         return rules
-    options: dict[str, Any] = parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
-    if options.get("client_name"):
+    if url.topology == "standalone":
+        options: dict[str, Any] = parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
+        client_name, db = options.get("client_name"), options.get("db")
+    else:
+        client_name, db = url.options.get("client_name"), url.db
+    if client_name:
         rules.append("+client|setname")
-    if options.get("db"):
+    if db:
         rules.append("+select")
     return rules
-
-
-def _redact_url(url: str) -> str:
-    """Return ``url`` with its password (in the user info or a ``password=`` option) replaced
-    by ``***``, fit for logs and error messages.
-
-    Deliberately not a URL parser: a password with an unescaped ``/`` or ``#`` would fool
-    ``urlsplit`` into showing it, while "everything up to the last ``@``" never does.
-    """
-    scheme, separator, rest = url.partition("://")
-    if separator and "@" in rest:
-        userinfo, _, location = rest.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        if colon:
-            rest = f"{user}:***@{location}"
-    return _PASSWORD_OPTION.sub(r"\1***", f"{scheme}{separator}{rest}")
 
 
 def _ttl_ms(ttl: float) -> int:
@@ -213,25 +238,111 @@ def _ttl_ms(ttl: float) -> int:
 def _describe(exc: BaseException) -> str:
     if not str(exc):
         return "no reply in time" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
-    return f"{type(exc).__name__}: {exc}"
+    # One line: some servers' errors span several.
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
 
 
 # What a lost or unreachable broker raises. Other Redis errors (NOPERM from an ACL, a full
 # server) are wrapped too: for the caller each of them means "no answer", never "no".
-_BROKER_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+_BROKER_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+
+# The server's words for "a password is needed" (NOAUTH, or HELLO before AUTH on Redis 6).
+_AUTH_MISSING = ("noauth", "authentication required", "hello must be called with the client")
+_AUTH_WRONG = ("wrongpass", "invalid password", "invalid username-password")
+_AUTH_UNNEEDED = ("without any password configured",)
+
+
+_TOO_OLD = (
+    "the server is older than Redis 6.2 (it does not know HELLO without arguments); "
+    "fastapi-leader needs Redis 6.2 or later, or Valkey"
+)
+
+
+class _SharedCommandTable(AsyncCommandsParser):
+    """redis-py's cluster client reads the whole command table (COMMAND, a large reply that
+    takes a loaded CPU up to a second to parse) every time it reads the slot map, to find the
+    keys of commands. The table is the same on every node of a cluster: read it once per
+    cluster and process, so a process running many groups (and all of them after a failover)
+    does not parse it hundreds of times over."""
+
+    __slots__ = ("_cluster_key",)
+    _tables: ClassVar[dict[tuple[tuple[str, int], ...], dict[str, Any]]] = {}
+
+    def __init__(self, cluster_key: tuple[tuple[str, int], ...]) -> None:
+        super().__init__()
+        self._cluster_key = cluster_key
+
+    async def initialize(self, node: ClusterNode | None = None) -> None:
+        table = self._tables.get(self._cluster_key)
+        if table is None:
+            await super().initialize(node)
+            self._tables[self._cluster_key] = self.commands
+        else:
+            if node is not None:
+                self.node = node
+            self.commands = table
+
+
+class _SharedClusters:
+    """One cluster client per cluster, option set and event loop, shared by the transports of
+    a process: a process that runs many groups (one per singleton role) reads the slot map once,
+    not once per group, holds one connection pool per node, and re-reads the map once after a
+    failover. Every transport still has a subscriber connection of its own."""
+
+    _clients: ClassVar[dict[tuple[Any, ...], tuple[RedisCluster, int]]] = {}
+    ready: ClassVar[set[RedisCluster]] = set()
+    """Clients whose cluster was checked, with the scripts loaded on every primary."""
+
+    @classmethod
+    def acquire(cls, key: tuple[Any, ...], make: Callable[[], RedisCluster]) -> RedisCluster:
+        full_key = (id(asyncio.get_running_loop()), *key)
+        client, users = cls._clients.get(full_key, (None, 0))
+        if client is None:
+            client = make()
+        cls._clients[full_key] = (client, users + 1)
+        return client
+
+    @classmethod
+    def release(cls, client: RedisCluster) -> bool:
+        """Forget one user of ``client``; True when it was the last (close it then)."""
+        for key, (shared, users) in list(cls._clients.items()):
+            if shared is client:
+                if users > 1:
+                    cls._clients[key] = (shared, users - 1)
+                    return False
+                del cls._clients[key]
+                cls.ready.discard(client)
+                return True
+        return True
+
+
+class _Incompatible(Exception):
+    """The server answers, but cannot serve this group as configured (the message says why)."""
 
 
 class RedisTransport:
     """Messages over Redis pub/sub and the group's keys in Redis, with two connections per node.
 
     Args:
-        url: ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL, as redis-py reads it.
+        url: a ``redis_url`` (see :mod:`fastapi_leader.redis_url`): ``redis://``, ``rediss://``
+            (TLS), ``unix://``, ``redis+cluster://`` or ``redis+sentinel://``.
         names: channel and key names of this node in its group.
         connect_timeout: seconds allowed to open a connection (TCP, TLS and handshake).
         command_timeout: seconds allowed for any one command, reconnection included; also how
             long the subscriber waits for its subscriptions to be confirmed.
         ssl_options: extra keyword arguments for redis-py's connections (``ssl_ca_certs``,
-            ``ssl_certfile`` ...), used with ``rediss://`` URLs.
+            ``ssl_certfile`` ...), used with the ``rediss`` schemes.
+        sentinel_password: the sentinels' own password, if they require one.
+        idle_before_ping: seconds of silence on the subscriber connection before it is PINGed
+            (at least 0.5); no reply within another second and it counts as dead.
 
     The password in ``url`` never appears in logs or error messages.
     """
@@ -244,51 +355,141 @@ class RedisTransport:
         connect_timeout: float = 2.0,
         command_timeout: float = 1.0,
         ssl_options: Mapping[str, Any] | None = None,
+        sentinel_password: str | None = None,
+        idle_before_ping: float = _IDLE_BEFORE_PING,
     ) -> None:
         if not connect_timeout > 0:
             raise ValueError(f"connect_timeout must be positive, got {connect_timeout!r}")
         if not command_timeout > 0:
             raise ValueError(f"command_timeout must be positive, got {command_timeout!r}")
         self.names = names
-        self._safe_url = _redact_url(url)
+        self._safe_url = redact_url(url)
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
-        pool_options: dict[str, Any] = {
+        self._idle_before_ping = max(idle_before_ping, _IDLE_BEFORE_PING)
+        try:
+            self._url = parse_broker_url(url)
+        except ValueError as exc:
+            raise ValueError(f"Invalid Redis URL {self._safe_url}: {exc}") from None
+        self._sharded = self._url.topology == "cluster"
+        connection_options: dict[str, Any] = {
             **(ssl_options or {}),
-            "max_connections": 1,
-            # Waiting for the one connection counts against the command's own timeout.
-            "timeout": command_timeout,
             "socket_timeout": command_timeout,
             "socket_connect_timeout": connect_timeout,
             "decode_responses": False,
             **_POOL_COMPAT_OPTIONS,
         }
+        self._sentinel: Sentinel | None = None
+        # On a cluster, the client shared by the process's transports (see _SharedClusters),
+        # taken at start() on the loop that runs this node.
+        self._cluster: RedisCluster | None = None
+        self._node_options: dict[str, Any] = {}
+        self._commands: Redis | RedisCluster | None = None
+        self._subscriber: Redis | None = None
         try:
-            # No retries: on an error redis-py only closes the connection; the next command
-            # opens a new one.
-            self._commands = Redis.from_pool(
-                BlockingConnectionPool.from_url(url, retry=Retry(NoBackoff(), 0), **pool_options)
-            )
-            # Nothing retried at all: redis-py would otherwise reconnect and resubscribe the
-            # subscriber behind the reader's back, and the outage would go unreported.
-            self._subscriber = Redis.from_pool(
-                BlockingConnectionPool.from_url(
-                    url, retry=Retry(NoBackoff(), 0, supported_errors=()), **pool_options
+            if self._url.topology == "cluster":
+                self._node_options = {
+                    **connection_options,
+                    **({"ssl": True} if self._url.tls else {}),
+                    "username": self._url.username,
+                    "password": self._url.password,
+                    "client_name": self._url.options.get("client_name"),
+                }
+            elif self._url.topology == "sentinel":
+                self._commands, self._subscriber = self._sentinel_clients(
+                    self._url, connection_options, sentinel_password
                 )
-            )
+            else:
+                self._commands, self._subscriber = self._standalone_clients(url, connection_options)
         except ValueError:
             # redis-py's message may quote parts of the URL, the password included.
             raise ValueError(
-                f"Invalid Redis URL {self._safe_url}: expected redis://, rediss:// or unix://, "
-                "with a numeric port and the password percent-encoded"
+                f"Invalid Redis URL {self._safe_url}: expected redis://, rediss://, unix://, "
+                "redis+cluster:// or redis+sentinel://, with numeric ports and the password "
+                "percent-encoded"
             ) from None
-        self._allocate_term = self._commands.register_script(_ALLOCATE_TERM)
-        self._acquire = self._commands.register_script(_ACQUIRE)
-        self._renew = self._commands.register_script(_RENEW)
-        self._release = self._commands.register_script(_RELEASE)
+        publish = "SPUBLISH" if self._sharded else "PUBLISH"
+        # Bytes, so that no client is needed to compute their SHA; each call names its client.
+        self._allocate_term = _script(_ALLOCATE_TERM)
+        self._acquire = _script(_ACQUIRE.replace("{publish}", publish))
+        self._renew = _script(_RENEW.replace("{publish}", publish))
+        self._release = _script(_RELEASE.replace("{publish}", publish))
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
+
+    def _standalone_clients(self, url: str, options: dict[str, Any]) -> tuple[Redis, Redis]:
+        pool_options = {
+            **options,
+            "max_connections": 1,
+            # Waiting for the one connection counts against the command's own timeout.
+            "timeout": self._command_timeout,
+        }
+        # No retries: on an error redis-py only closes the connection; the next command opens
+        # a new one.
+        commands = Redis.from_pool(
+            BlockingConnectionPool.from_url(url, retry=Retry(NoBackoff(), 0), **pool_options)
+        )
+        # Nothing retried at all: redis-py would otherwise reconnect and resubscribe the
+        # subscriber behind the reader's back, and the outage would go unreported.
+        subscriber = Redis.from_pool(
+            BlockingConnectionPool.from_url(
+                url, retry=Retry(NoBackoff(), 0, supported_errors=()), **pool_options
+            )
+        )
+        return commands, subscriber
+
+    def _sentinel_clients(
+        self, url: BrokerURL, options: dict[str, Any], sentinel_password: str | None
+    ) -> tuple[Redis, Redis]:
+        assert url.service_name is not None
+        tls = {"ssl": True, **options} if url.tls else {}
+        sentinel_options = {
+            key: value
+            for key, value in {**options, **tls}.items()
+            if key.startswith(("socket_", "ssl")) or key == "decode_responses"
+        }
+        if sentinel_password is not None:
+            sentinel_options["password"] = sentinel_password
+        # Typed through a Callable: redis-py types Sentinel.__init__ in some releases, not others.
+        make_sentinel: Callable[..., Sentinel] = Sentinel
+        self._sentinel = make_sentinel(
+            list(url.hosts),
+            sentinel_kwargs={**sentinel_options, "retry": Retry(NoBackoff(), 0)},
+        )
+        primary_options = {
+            **options,
+            **({"ssl": True} if url.tls else {}),
+            "username": url.username,
+            "password": url.password,
+            "db": url.db,
+            "client_name": url.options.get("client_name"),
+        }
+        # Each connection asks the sentinels for the primary when it connects, and drops
+        # itself on READONLY (the primary it knew was demoted): both follow a failover. The
+        # pools are not capped (redis-py's sentinel pool cannot wait for a connection), but the
+        # driver sends one command at a time, so each holds one connection.
+        commands = self._sentinel.master_for(
+            url.service_name, retry=Retry(NoBackoff(), 0), **primary_options
+        )
+        subscriber = self._sentinel.master_for(
+            url.service_name, retry=Retry(NoBackoff(), 0, supported_errors=()), **primary_options
+        )
+        return commands, subscriber
+
+    def _cluster_client(self) -> RedisCluster:
+        url = self._url
+        client = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in url.hosts],
+            # No retries of a script whose reply was lost (see the module docstring); MOVED and
+            # ASK are followed all the same, and a connection error makes the next command read
+            # the slot map again.
+            retry=Retry(NoBackoff(), 0),
+            require_full_coverage=False,
+            **self._node_options,
+        )
+        client.commands_parser = _SharedCommandTable(tuple(sorted(url.hosts)))
+        return client
 
     def __repr__(self) -> str:
         return f"<RedisTransport {self._safe_url} node={self.names.node_id!r}>"
@@ -296,11 +497,13 @@ class RedisTransport:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, sink: Sink) -> None:
-        """Connect both connections, load the scripts, subscribe to the broadcast and own
-        channels, and start delivering messages to ``sink``.
+        """Connect both connections, check the server, load the scripts, subscribe to the
+        broadcast and own channels, and start delivering messages to ``sink``.
 
         Raises:
-            BrokerUnavailable: Redis could not be reached (or refused a command) in time.
+            BrokerUnavailable: Redis could not be reached, refused a command, or cannot serve
+                the group as configured (a cluster node named by ``redis://``, a replica, a
+                server older than 6.2 ...); the message is one line that names the fix.
             RuntimeError: the transport was already started, or closed.
         """
         if self._closed:
@@ -309,22 +512,157 @@ class RedisTransport:
             raise RuntimeError("RedisTransport.start() was already called")
         # The first connection may need the whole connect timeout before the command starts.
         first_timeout = self._connect_timeout + self._command_timeout
+        step = "connect"
         try:
-            await asyncio.wait_for(self._commands.ping(), first_timeout)
-            for script in (self._allocate_term, self._acquire, self._renew, self._release):
-                await asyncio.wait_for(
-                    self._commands.script_load(script.script), self._command_timeout
-                )
+            if self._url.topology == "cluster":
+                key = (self._url.hosts, tuple(sorted(map(repr, self._node_options.items()))))
+                self._cluster = _SharedClusters.acquire(key, self._cluster_client)
+                self._commands = self._cluster
+                await asyncio.wait_for(self._cluster.initialize(), first_timeout)
+                if self._cluster not in _SharedClusters.ready:
+                    step = "check the server"
+                    primary = await self._slot_primary()
+                    try:
+                        await self._check_server(primary, cluster=True)
+                    finally:
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(primary.aclose(), self._connect_timeout)
+            else:
+                assert isinstance(self._commands, Redis)
+                await self._check_server(self._commands, cluster=False)
+            commands = self._commands
+            assert commands is not None
+            if self._cluster not in _SharedClusters.ready:
+                step = "load the scripts"
+                for script in (self._allocate_term, self._acquire, self._renew, self._release):
+                    await asyncio.wait_for(
+                        commands.script_load(script.script), self._command_timeout
+                    )
+                if self._cluster is not None:
+                    # Checked and loaded on every primary: the next groups of this process
+                    # skip both (a primary promoted later gets the scripts on NOSCRIPT).
+                    _SharedClusters.ready.add(self._cluster)
+            step = "read the group's keys"
+            # A renewal no holder can match: it only reads the leader key, so an ACL that does
+            # not cover the group's keys fails here, not at the first election.
+            await asyncio.wait_for(
+                self._renew(
+                    keys=[self.names.leader_key],
+                    args=["", 1, self.names.broadcast, b""],
+                    client=commands,
+                ),
+                self._command_timeout,
+            )
+            step = "subscribe"
             pubsub = await self._subscribe(sink)
+        except _Incompatible as exc:
+            await self._close_connections()
+            raise BrokerUnavailable(f"Cannot use Redis at {self._safe_url}: {exc}") from None
         except _BROKER_ERRORS as exc:
             await self._close_connections()
-            raise BrokerUnavailable(
-                f"Cannot use Redis at {self._safe_url}: {_describe(exc)}"
-            ) from exc
+            raise BrokerUnavailable(self._start_failure(step, exc)) from exc
         self._pubsub = pubsub
         self._reader = asyncio.create_task(
             self._read_forever(pubsub, sink), name=f"fastapi-leader reader {self.names.node_id}"
         )
+
+    async def _check_server(self, client: Redis, *, cluster: bool) -> None:
+        """PING, then refuse a server that cannot serve the group: too old, a replica, a
+        cluster node or a sentinel reached through the wrong scheme."""
+        first_timeout = self._connect_timeout + self._command_timeout
+        await asyncio.wait_for(client.ping(), first_timeout)
+        try:
+            # Without arguments (6.2+): the server's facts, in the protocol already spoken.
+            reply = await asyncio.wait_for(
+                client.execute_command("HELLO"),  # type: ignore[no-untyped-call]
+                self._command_timeout,
+            )
+        except ResponseError as exc:
+            text = str(exc).lower()
+            if "unknown command" in text or "wrong number of arguments" in text:
+                raise _Incompatible(_TOO_OLD) from None
+            raise
+        info = _hello_fields(reply)
+        version = info.get("version", "0")
+        mode = info.get("mode", "standalone")
+        role = info.get("role", "master")
+        if mode == "sentinel":
+            raise _Incompatible(
+                "this is a Sentinel, not a data node: name its service with "
+                "redis+sentinel://host:26379[,host:26379...]/service_name"
+            )
+        if mode == "cluster" and not cluster:
+            raise _Incompatible(
+                "this node is part of a Redis Cluster: use redis+cluster://host:port"
+                "[,host:port...] (rediss+cluster:// with TLS)"
+            )
+        if _version(version) < _MIN_VERSION:
+            raise _Incompatible(
+                f"the server runs version {version}; fastapi-leader needs Redis 6.2 or later, "
+                "or Valkey"
+            )
+        if cluster and _version(version) < _MIN_CLUSTER_VERSION:
+            raise _Incompatible(
+                f"the cluster runs version {version}; on a cluster fastapi-leader uses sharded "
+                "pub/sub (SSUBSCRIBE), which needs Redis 7.0 or later, or Valkey"
+            )
+        if role in ("replica", "slave"):
+            raise _Incompatible(
+                "the server is a read-only replica: point redis_url at the primary, or use "
+                "redis+sentinel:// so that the primary is found through the sentinels"
+            )
+
+    def _start_failure(self, step: str, exc: BaseException) -> str:
+        """The one line :meth:`start` raises for ``exc``, naming what to fix."""
+        where = f"Redis at {self._safe_url}"
+        text = str(exc).lower()
+        if isinstance(exc, AuthenticationError) or any(w in text for w in _AUTH_MISSING):
+            if any(words in text for words in _AUTH_WRONG):
+                return (
+                    f"{where} refused the user name or password (WRONGPASS): check the "
+                    "credentials in LEADER_REDIS_URL (redis://USER:PASSWORD@host:port/db)"
+                )
+            if any(words in text for words in _AUTH_MISSING):
+                return (
+                    f"{where} requires a password: put it in LEADER_REDIS_URL as "
+                    "redis://:PASSWORD@host:port/db, or redis://USER:PASSWORD@host:port/db for "
+                    "an ACL user"
+                )
+        if any(words in text for words in _AUTH_WRONG):
+            return (
+                f"{where} refused the user name or password (WRONGPASS): check the "
+                "credentials in LEADER_REDIS_URL (redis://USER:PASSWORD@host:port/db)"
+            )
+        if any(words in text for words in _AUTH_UNNEEDED):
+            return (
+                f"{where} has no password set, but LEADER_REDIS_URL gives one: remove it, "
+                "or set the server's requirepass"
+            )
+        if isinstance(exc, MasterNotFoundError):
+            return (
+                f"No sentinel at {self._safe_url} named a primary for service "
+                f"{self._url.service_name!r}: check the sentinels' addresses and the service "
+                "name, and LEADER_SENTINEL_PASSWORD if the sentinels require a password"
+            )
+        if "unknown command 'hello'" in text:
+            # redis-py opens every connection with HELLO (RESP3): Redis 5 refuses it.
+            return f"Cannot use {where}: {_TOO_OLD}"
+        if isinstance(exc, NoPermissionError) or text.startswith("noperm"):
+            return (
+                f"{where} refused to {step} for this user (NOPERM: {exc}): give the user "
+                "the rules of fastapi_leader.acl_rule(settings) (see the README's ACL section)"
+            )
+        if "readonly" in text:
+            return (
+                f"{where} is a read-only replica: point redis_url at the primary, or use "
+                "redis+sentinel://"
+            )
+        if step == "connect" or isinstance(exc, (OSError, asyncio.TimeoutError)):
+            return (
+                f"Cannot reach {where} ({_describe(exc)}): check the host and port in "
+                "LEADER_REDIS_URL and that the server is running"
+            )
+        return f"Cannot use {where}: could not {step}: {_describe(exc)}"
 
     async def close(self) -> None:
         """Stop the reader, unsubscribe and close both connections. Idempotent; never raises."""
@@ -334,32 +672,67 @@ class RedisTransport:
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            # Bounded: under load a cancellation can be swallowed inside redis-py's reads (a
+            # race of its internal timeouts with ours, seen with hundreds of nodes on Python
+            # 3.11), and an unbounded wait here hung close(). Then the connection is closed
+            # under the reader, which ends its read, and the reader is cancelled once more.
+            done, _ = await asyncio.wait({reader}, timeout=self._command_timeout)
+            if not done and self._pubsub is not None:
+                await self._discard(self._pubsub)
+                reader.cancel()
+                await asyncio.wait({reader}, timeout=self._connect_timeout)
+            if not reader.done():
+                _log.warning("fastapi-leader reader %s did not stop; left behind", reader)
+            elif not reader.cancelled():
+                with contextlib.suppress(Exception):
+                    reader.result()
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(pubsub.unsubscribe(), self._command_timeout)
+                unsubscribe = pubsub.sunsubscribe() if self._sharded else pubsub.unsubscribe()
+                await asyncio.wait_for(unsubscribe, self._command_timeout)
             await self._discard(pubsub)
         await self._close_connections()
 
     async def _close_connections(self) -> None:
-        for client in (self._commands, self._subscriber):
+        clients: list[Redis | RedisCluster] = []
+        if self._cluster is not None:
+            cluster, self._cluster = self._cluster, None
+            if _SharedClusters.release(cluster):
+                clients.append(cluster)
+        elif self._commands is not None:
+            clients.append(self._commands)
+        if self._subscriber is not None:
+            clients.append(self._subscriber)
+        for client in clients:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.aclose(), self._connect_timeout)
+        if self._sentinel is not None:
+            for sentinel in self._sentinel.sentinels:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(sentinel.aclose(), self._connect_timeout)
 
     # -- commands ----------------------------------------------------------------------------
 
     async def publish(self, data: bytes, to: str | None = None) -> None:
         """Publish ``data`` on the broadcast channel, or on node ``to``'s own channel."""
         channel = self.names.broadcast if to is None else self.names.node_channel(to)
-        await self._command("PUBLISH", lambda: self._commands.publish(channel, data))
+        await self._command(
+            "SPUBLISH" if self._sharded else "PUBLISH",
+            lambda commands: (
+                commands.spublish(channel, data)
+                if self._sharded
+                else commands.publish(channel, data)
+            ),
+        )
 
     async def allocate_term(self, floor: int) -> int:
         """Atomically set the term counter to ``max(counter, floor) + 1`` and return it."""
         result = await self._command(
             "allocate_term",
-            lambda: self._allocate_term(keys=[self.names.term_key], args=[int(floor)]),
+            lambda commands: self._allocate_term(
+                keys=[self.names.term_key], args=[int(floor)], client=commands
+            ),
         )
         return int(result)
 
@@ -375,7 +748,9 @@ class RedisTransport:
         ]
         result = await self._command(
             "acquire",
-            lambda: self._acquire(keys=[self.names.leader_key, self.names.term_key], args=args),
+            lambda commands: self._acquire(
+                keys=[self.names.leader_key, self.names.term_key], args=args, client=commands
+            ),
         )
         return bool(result)
 
@@ -389,7 +764,8 @@ class RedisTransport:
             announce,
         ]
         result = await self._command(
-            "renew", lambda: self._renew(keys=[self.names.leader_key], args=args)
+            "renew",
+            lambda commands: self._renew(keys=[self.names.leader_key], args=args, client=commands),
         )
         return bool(result)
 
@@ -398,15 +774,23 @@ class RedisTransport:
         script. True if released."""
         args: list[EncodableT] = [self.names.holder(term), self.names.broadcast, announce or b""]
         result = await self._command(
-            "release", lambda: self._release(keys=[self.names.leader_key], args=args)
+            "release",
+            lambda commands: self._release(
+                keys=[self.names.leader_key], args=args, client=commands
+            ),
         )
         return bool(result)
 
-    async def _command(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+    async def _command(
+        self, what: str, call: Callable[[Redis | RedisCluster], Awaitable[_T]]
+    ) -> _T:
         if self._closed:
             raise BrokerUnavailable(f"{what}: the transport to {self._safe_url} is closed")
+        commands = self._commands
+        if commands is None:
+            raise BrokerUnavailable(f"{what}: the transport to {self._safe_url} is not started")
         try:
-            return await asyncio.wait_for(call(), self._command_timeout)
+            return await asyncio.wait_for(call(commands), self._command_timeout)
         except _BROKER_ERRORS as exc:
             raise BrokerUnavailable(
                 f"Redis at {self._safe_url}: {what} failed: {_describe(exc)}"
@@ -414,10 +798,22 @@ class RedisTransport:
 
     # -- subscriber --------------------------------------------------------------------------
 
-    async def _subscribe(self, sink: Sink) -> PubSub:
+    async def _subscribe(self, sink: Sink, *, reread_slots: bool = False) -> PubSub:
         """Open a fresh subscriber connection and return it once both subscriptions are
         confirmed, so that a message published after this returns is heard."""
-        pubsub = self._subscriber.pubsub()
+        if self._cluster is None:
+            assert self._subscriber is not None
+            pubsub = self._subscriber.pubsub()
+        else:
+            if reread_slots:
+                # The group's slot may have moved (or its primary died) since the last time:
+                # read the slot map again (concurrent readers of one client share one read),
+                # and subscribe on the slot's primary as it is now.
+                await asyncio.wait_for(
+                    self._cluster.nodes_manager.initialize(),
+                    self._connect_timeout + self._command_timeout,
+                )
+            pubsub = (await self._slot_primary()).pubsub()
         try:
             await asyncio.wait_for(
                 self._confirm_subscriptions(pubsub, sink),
@@ -430,15 +826,39 @@ class RedisTransport:
 
     async def _confirm_subscriptions(self, pubsub: PubSub, sink: Sink) -> None:
         channels = {self.names.broadcast.encode(), self.names.own_channel.encode()}
-        await pubsub.subscribe(*channels)
+        if self._sharded:
+            await pubsub.ssubscribe(*channels)
+        else:
+            await pubsub.subscribe(*channels)
         while channels:
             message = await pubsub.get_message(timeout=None)
             if message is None:
                 continue
-            if message["type"] == "subscribe":
+            if message["type"] in ("subscribe", "ssubscribe"):
                 channels.discard(message["channel"])
-            elif message["type"] == "message":
+            elif message["type"] in ("message", "smessage"):
                 self._deliver(sink, message["data"])
+
+    def key_client(self) -> Redis | RedisCluster:
+        """The started transport's command client, for reading the group's keys as the node
+        reads them (through the sentinels' primary, or routed to the group's slot); closed
+        with the transport. Raises RuntimeError before :meth:`start`."""
+        if self._commands is None or self._closed:
+            raise RuntimeError("key_client() needs a started transport")
+        return self._commands
+
+    async def _slot_primary(self) -> Redis:
+        """A client of its own on the primary that serves the group's slot (cluster only)."""
+        assert self._cluster is not None
+        node = self._cluster.get_node_from_key(self.names.broadcast)
+        if node is None:
+            raise RedisClusterException("no node serves the group's slot")
+        return Redis(
+            host=node.host,
+            port=int(node.port),
+            retry=Retry(NoBackoff(), 0, supported_errors=()),
+            **self._node_options,
+        )
 
     async def _read_forever(self, pubsub: PubSub, sink: Sink) -> None:
         """Deliver messages until cancelled by :meth:`close`; survive every other error."""
@@ -476,13 +896,22 @@ class RedisTransport:
                 # Any frame (message, pong, subscribe) proves that the server is alive.
                 last_frame_at = now
                 ping_sent = False
-                if message["type"] == "message":
+                kind = message["type"]
+                if kind in ("message", "smessage"):
                     self._deliver(sink, message["data"])
+                elif kind == "sunsubscribe":
+                    # Redis unsubscribes shard channels whose slot moved to another node.
+                    raise ConnectionResetError("the group's slot moved to another node")
+                # With a backlog buffered, get_message returns without ever suspending: yield,
+                # so that a flood on the channel cannot hold off the timer (and the renewals)
+                # of every node on the election thread.
+                await asyncio.sleep(0)
                 continue
             silence = now - last_frame_at
-            if silence >= _IDLE_BEFORE_PING + _PING_TIMEOUT:
-                raise TimeoutError(f"no reply to PING for {silence - _IDLE_BEFORE_PING:.1f} s")
-            if silence >= _IDLE_BEFORE_PING and not ping_sent:
+            idle = self._idle_before_ping
+            if silence >= idle + _PING_TIMEOUT:
+                raise TimeoutError(f"no reply to PING for {silence - idle:.1f} s")
+            if silence >= idle and not ping_sent:
                 await asyncio.wait_for(pubsub.ping(_PING_PAYLOAD), self._command_timeout)
                 ping_sent = True
 
@@ -492,7 +921,7 @@ class RedisTransport:
         while True:
             await asyncio.sleep(delay + random.uniform(0, delay / 2))
             try:
-                return await self._subscribe(sink)
+                return await self._subscribe(sink, reread_slots=True)
             except Exception as exc:
                 _log.debug(
                     "Resubscribing to Redis at %s failed: %s", self._safe_url, _describe(exc)
@@ -505,10 +934,17 @@ class RedisTransport:
 
     async def _discard(self, pubsub: PubSub) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                pubsub.aclose(),  # type: ignore[no-untyped-call]
-                self._connect_timeout,
-            )
+            await asyncio.wait_for(close_pubsub(pubsub), self._connect_timeout)
+        if self._cluster is not None:
+            # The slot primary's client was made for this subscription alone.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pubsub.connection_pool.disconnect(), self._connect_timeout)
+
+
+def close_pubsub(pubsub: PubSub) -> Awaitable[None]:
+    """`pubsub.aclose()`, typed: redis-py annotates it in some releases, not in others."""
+    aclose: Callable[[], Awaitable[None]] = pubsub.aclose
+    return aclose()
 
 
 def _notify(callback: Callable[..., None], *args: Any) -> None:
@@ -517,3 +953,26 @@ def _notify(callback: Callable[..., None], *args: Any) -> None:
         callback(*args)
     except Exception:
         _log.exception("fastapi-leader transport sink %r raised", callback)
+
+
+def _script(text: str) -> AsyncScript:
+    return AsyncScript(None, text.encode())  # type: ignore[arg-type]
+
+
+def _hello_fields(reply: Any) -> dict[str, str]:
+    """HELLO's reply (a flat list under RESP2, a dict under RESP3) as text fields."""
+    if isinstance(reply, dict):
+        pairs = list(reply.items())
+    elif isinstance(reply, (list, tuple)):
+        pairs = list(zip(reply[::2], reply[1::2], strict=False))
+    else:
+        return {}
+    fields: dict[str, str] = {}
+    for key, value in pairs:
+        if isinstance(key, bytes):
+            key = key.decode(errors="replace")
+        if isinstance(value, bytes):
+            value = value.decode(errors="replace")
+        if isinstance(key, str) and isinstance(value, (str, int)):
+            fields[key] = str(value)
+    return fields
