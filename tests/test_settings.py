@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -12,8 +13,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from fastapi_leader.settings import LeaderSettings
-from tests.certs import KEY_PASSWORD, Certificates, make_certificates
+from fastapi_leader.core import Timing
+from fastapi_leader.settings import LeaderSettings, SettingsError
+from tests.helpers.certs import KEY_PASSWORD, Certificates, make_certificates
 
 PASSWORD = "hunter2-Sw0rdfish"
 SECRET = "0123456789abcdef-top-secret"
@@ -37,7 +39,7 @@ def _leaks(secret: str, text: str) -> bool:
 
 
 def _error_text(**kwargs: Any) -> str:
-    with pytest.raises(ValidationError) as caught:
+    with pytest.raises(SettingsError) as caught:
         LeaderSettings(**kwargs)
     return str(caught.value)
 
@@ -71,12 +73,23 @@ def test_defaults(field: str, expected: object) -> None:
     assert getattr(LeaderSettings(), field) == expected
 
 
-def test_default_node_id_is_random_per_instance() -> None:
-    ids = {LeaderSettings().node_id for _ in range(20)}
+def test_default_node_id_is_drawn_by_the_election_not_the_settings() -> None:
+    # Drawn at import, the id would be copied into every worker forked from one parent.
+    from fastapi_leader import LeaderElection
+
+    settings = LeaderSettings()
+    assert settings.node_id is None
+    ids = {LeaderElection(settings).node_id for _ in range(20)}
     assert len(ids) == 20
     for node_id in ids:
         # The default must itself pass the name rule it is checked against.
         assert LeaderSettings(node_id=node_id).node_id == node_id
+
+
+def test_loop_stall_limit_below_a_second_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="loop_stall_limit"):
+        LeaderSettings(loop_stall_limit=0.5)
+    assert LeaderSettings(loop_stall_limit=2).loop_stall_limit == 2.0
 
 
 ENV_CASES = [
@@ -289,7 +302,7 @@ def test_non_finite_duration_from_environment_is_rejected(
     monkeypatch: pytest.MonkeyPatch, field: str
 ) -> None:
     monkeypatch.setenv(f"LEADER_{field.upper()}", "inf")
-    with pytest.raises(ValidationError) as caught:
+    with pytest.raises(SettingsError) as caught:
         LeaderSettings()
     assert field in str(caught.value)
 
@@ -322,7 +335,9 @@ def test_secret_of_16_characters_is_accepted() -> None:
         pytest.param("http://", id="no-host"),
         pytest.param("/leader", id="relative"),
         pytest.param("", id="empty"),
-        pytest.param("http://h/" + "x" * 504, id="513-chars"),
+        pytest.param("http://h/" + "x" * 504, id="513-bytes"),
+        pytest.param("http://h/" + "\u00e9" * 300, id="309-chars-609-bytes"),
+        pytest.param("http://h/\x07", id="control-character"),
     ],
 )
 def test_bad_advertise_url_is_rejected_naming_the_field(advertise_url: str) -> None:
@@ -335,6 +350,25 @@ def test_bad_advertise_url_is_rejected_naming_the_field(advertise_url: str) -> N
 )
 def test_accepted_advertise_urls(advertise_url: str) -> None:
     assert LeaderSettings(advertise_url=advertise_url).advertise_url == advertise_url
+
+
+def test_the_settings_refuse_an_advertise_url_with_the_codecs_own_words() -> None:
+    # One rule, one message: a URL the settings accept is one every message can carry.
+    from fastapi_leader.messages import url_problem
+
+    url = "http://h/" + "\u00e9" * 300
+    problem = url_problem(url)
+    assert problem is not None
+    assert problem in _error_text(advertise_url=url)
+
+
+def test_the_timing_defaults_are_the_cores() -> None:
+    from fastapi_leader.core import Timing
+
+    s, t = LeaderSettings(), Timing()
+    names = ("heartbeat_interval", "lease", "election_timeout_min", "election_timeout_max")
+    for name in (*names, "member_expiry"):
+        assert getattr(s, name) == getattr(t, name), name
 
 
 # ---- timing rules -------------------------------------------------------------------------------
@@ -400,7 +434,7 @@ def test_timing_rules_apply_to_environment_too(
     for field, value in overrides.items():
         seconds = value.total_seconds() if isinstance(value, timedelta) else value
         monkeypatch.setenv(f"LEADER_{field.upper()}", str(seconds))
-    with pytest.raises(ValidationError) as caught:
+    with pytest.raises(SettingsError) as caught:
         LeaderSettings()
     for phrase in phrases:
         assert phrase in str(caught.value)
@@ -674,3 +708,48 @@ def test_a_tls_option_may_not_be_given_twice(certificates: Certificates) -> None
     )
     assert "ssl_ca_certs" in text
     assert "both" in text
+
+
+PROFILES = {"fast": LeaderSettings.FAST_PROFILE, "economy": LeaderSettings.ECONOMY_PROFILE}
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_a_profile_sets_its_timings_and_overrides_win(name: str) -> None:
+    profile = PROFILES[name]
+    settings = getattr(LeaderSettings, name)(group="billing", lease=profile["lease"] * 0.9)
+    assert settings.group == "billing"
+    assert settings.lease == profile["lease"] * 0.9
+    for field, value in profile.items():
+        if field != "lease":
+            assert getattr(settings, field) == value
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_a_profiles_environment_variables_in_its_docstring_are_the_profile(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The docstring tells users how to set the profile through the environment alone: it
+    # must say what the profile is.
+    doc = getattr(LeaderSettings, name).__doc__ or ""
+    variables = dict(re.findall(r"(LEADER_[A-Z_]+)=([0-9.]+)", doc))
+    assert {k.removeprefix("LEADER_").lower() for k in variables} == set(PROFILES[name])
+    for key, value in variables.items():
+        monkeypatch.setenv(key, value)
+    from_env = LeaderSettings()
+    for field, value in PROFILES[name].items():
+        assert getattr(from_env, field) == value
+
+
+def test_the_economy_profile_beats_in_the_groups_slowest_rhythm() -> None:
+    # Three presences per member expiry up to the group size where the heartbeat takes over:
+    # a group of 3 costs the leader's renewals plus two presences per 12 s.
+    s = LeaderSettings.economy()
+    timing = Timing(
+        heartbeat_interval=s.heartbeat_interval,
+        lease=s.lease,
+        election_timeout_min=s.election_timeout_min,
+        election_timeout_max=s.election_timeout_max,
+        member_expiry=s.member_expiry,
+    )
+    assert timing.presence_interval(3) == 12.0
+    assert timing.member_expiry_for(3) == 36.0

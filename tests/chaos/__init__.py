@@ -5,7 +5,9 @@
 - :mod:`.proxy`: the in-process TCP proxy between each node and Redis (cuts, latency,
   half-open connections, told apart per connection kind);
 - :mod:`.checks`: the invariants, as pure functions over the run's log;
-- :mod:`.node`, :mod:`.appnode`, :mod:`.reporting`: the node processes and what they report;
+- :mod:`.node`, :mod:`.appnode`, :mod:`.steering`: the node processes and the commands they
+  take (``stall``); what they report comes from :mod:`harness.reports`, and the processes,
+  waits and lease reconstruction from the rest of :mod:`harness`;
 - :mod:`.workload`: the pluggable part: which nodes run, how events are published and counted.
 
 Run it with ``python -m tests.chaos [--seed S] [--duration SECONDS]`` (``--help`` for more),

@@ -3,6 +3,7 @@
     python -m tests.chaos                      # the short run (about two minutes), new seed
     python -m tests.chaos --seed 42 --duration 600
     python -m tests.chaos --faults stop-leader,net-cut --kind example
+    python -m tests.chaos --seed 1 --duration 10 --faults loop-stall,loop-stall-long
 
 Exits 0 when every invariant held, 1 otherwise (the summary says which failed).
 """

@@ -3,12 +3,13 @@
     python -m tests.chaos.appnode --port 8001  # LEADER_* and EXAMPLE_* from the environment
 
 The same app and server as ``uvicorn example_app.main:app --port 8001``, plus the reporter of
-:mod:`tests.chaos.reporting` on the app's ``election``, so that the harness gets the node's role
+:mod:`harness.reports` on the app's ``election``, so that the harness gets the node's role
 changes with monotonic time stamps on stdout, and ``joined``/``left`` when the app's lifespan
 has started/stopped (the election with it). uvicorn handles SIGTERM: the lifespan stops the
 election (a graceful handover), then uvicorn exits by the same signal (recent uvicorn re-raises
 it), so the harness takes a ``left`` report as the mark of a graceful stop. The end of stdin
-(the harness died) makes it exit as well.
+(the harness died) makes it exit as well; the harness's commands on stdin (``stall``) are those
+of :mod:`tests.chaos.steering`.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from typing import Any
 
 import uvicorn
 
-from .reporting import Reporter, emit
+from harness.reporter import NodeReporter
+from harness.reports import emit
+
+from .steering import follow_commands
 
 
 async def serve(port: int) -> None:
     from example_app.main import app, election  # reads LEADER_* and EXAMPLE_* now
 
-    Reporter(election)
+    NodeReporter().attach(election)
     app_lifespan = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
@@ -45,16 +49,12 @@ async def serve(port: int) -> None:
     )
     server = uvicorn.Server(config)
 
-    async def watch_stdin() -> None:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while await reader.read(1024):
-            pass
+    def exit_server() -> None:
         server.should_exit = True
 
     emit("armed")
-    watcher = asyncio.create_task(watch_stdin())
+    # On uvicorn's loop, the app's: a stall command blocks what the app's routes run on.
+    watcher = asyncio.create_task(follow_commands(exit_server))
     try:
         await server.serve()
     finally:

@@ -1,18 +1,19 @@
 """The invariants, checked over the whole log of a run: pure functions, no I/O.
 
-The log is one list of :class:`Record`: the nodes' own reports (see
-:mod:`tests.chaos.reporting`) and the harness's records of what it did to each node process
+The log is one list of :class:`~harness.leases.Record`: the nodes' own reports (see
+:mod:`harness.reports`) and the harness's records of what it did to each node process
 (``spawn``, ``kill``, ``term``, ``stop``, ``cont``, ``exit``), all stamped with
 ``time.monotonic()``. :class:`View` replays it to tell who leads and who knows it at any
-instant; the functions below derive leaderships and check them:
+instant; the functions below check the group's recovery from each fault:
 
-- at most one leadership per term, and terms (fencing tokens) only grow, across the group
-  and within each node process (:func:`check_terms`);
-- never two valid leases at once, except where the older holder is SIGSTOPped
-  (:func:`dual_leases`);
+- the leaderships, terms and lease overlaps come from :mod:`harness.leases`, shared with the
+  benchmarks (:func:`check_terms`, :func:`dual_leases`: re-exported here);
 - after each fault ends, one leader, and every node agreeing on it, within bounds
   (:func:`recovery`);
-- a node that rejoins does not unseat the leader (:func:`disruptions`).
+- a node that rejoins does not unseat the leader (:func:`disruptions`);
+- a stall of a node's app loop below ``LEADER_LOOP_STALL_LIMIT`` changes no leadership, and one
+  of the leader's beyond it hands the leadership over, once the limit has passed, to another
+  node (:func:`loop_stall`).
 
 Process deaths, tracebacks and lost or duplicated events are checked where they are observed
 (the harness) and land in the same list of violations.
@@ -21,12 +22,23 @@ Process deaths, tracebacks and lost or duplicated events are checked where they 
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+
+from harness.leases import (
+    DualLease,
+    Leadership,
+    Record,
+    check_terms,
+    dual_leases,
+    leaderless_windows,
+    leaderships,
+    pauses,
+)
 
 __all__ = [
+    "DualLease",
     "Leadership",
     "Record",
     "View",
@@ -35,37 +47,17 @@ __all__ = [
     "dual_leases",
     "leaderless_windows",
     "leaderships",
+    "loop_stall",
+    "pauses",
     "recovery",
 ]
 
-# A lease read whose two clock readings are further apart than this (the process was stopped
-# or descheduled while reading) is dated by the lower reading.
-_READ_SPREAD = 0.02
+# A handover of a leader stalled beyond the limit may come this much before the limit by the
+# harness's clock (the stall's start is the node's own report, the watchdog's count may start
+# a probe earlier); earlier, the leadership was lost to the stall, not handed over.
+HANDOVER_EARLY_SLACK = 0.25
 # Harness records about processes.
 PROCESS_EVENTS = frozenset({"spawn", "kill", "term", "stop", "cont", "exit"})
-
-
-@dataclass(frozen=True)
-class Record:
-    """One line of the log: ``node`` is the node id, ``life`` its process incarnation."""
-
-    t: float
-    node: str
-    life: int
-    ev: str
-    data: dict[str, Any] = field(default_factory=dict, compare=False)
-
-
-@dataclass
-class Leadership:
-    """One leadership, by its holder's reports: valid from ``start`` to ``end``."""
-
-    node: str
-    life: int
-    term: int | None
-    start: float
-    end: float
-    how_ended: str = "open"
 
 
 @dataclass
@@ -140,142 +132,6 @@ def _sorted(records: Iterable[Record]) -> list[Record]:
     return sorted(records, key=lambda r: r.t)
 
 
-def leaderships(records: Sequence[Record], observed_until: float) -> list[Leadership]:
-    """Every leadership in the log. One starts at the earlier of its ``lease acquired`` and
-    ``elected`` reports and ends at the earliest of: the ``demoted``/``left`` report, the last
-    lease end its holder reported, the kill of its process (a SIGKILLed node leads no more,
-    whatever it thought), a newer leadership of the same process, ``observed_until``."""
-    out: list[Leadership] = []
-    open_: dict[tuple[str, int], Leadership] = {}
-    lease_end: dict[tuple[str, int], float] = {}
-
-    def close(key: tuple[str, int], at: float, how: str) -> None:
-        held = open_.pop(key)
-        end = min(at, lease_end.pop(key, at))
-        held.end = max(held.start, end)
-        held.how_ended = how
-        out.append(held)
-
-    for record in _sorted(records):
-        key = (record.node, record.life)
-        ev, data = record.ev, record.data
-        if ev == "lease":
-            term = data.get("term")
-            if key in open_ and data.get("acquired") and open_[key].term != term:
-                close(key, record.t, "superseded")
-            if key not in open_:
-                open_[key] = Leadership(record.node, record.life, term, record.t, record.t)
-            end = float(data["lease_end"])
-            low = float(data.get("lease_end_lo", end))
-            if end - low > _READ_SPREAD:
-                end = low
-            lease_end[key] = max(lease_end.get(key, -math.inf), end)
-        elif ev == "elected":
-            token = data.get("token")
-            if key in open_ and open_[key].term not in (None, token):
-                close(key, record.t, "superseded")
-            if key not in open_:
-                open_[key] = Leadership(record.node, record.life, token, record.t, record.t)
-                if data.get("lease_end") is not None:
-                    lease_end[key] = float(data["lease_end"])
-            elif open_[key].term is None:
-                open_[key].term = token
-        elif ev in ("demoted", "left", "kill", "exit") and key in open_:
-            close(key, record.t, ev)
-    for key in list(open_):
-        close(key, observed_until, "observed until")
-    return sorted(out, key=lambda held: held.start)
-
-
-@dataclass
-class DualLease:
-    first: Leadership
-    second: Leadership
-    start: float
-    end: float
-    paused: float  # how much of the overlap the older holder spent SIGSTOPped
-
-    @property
-    def unexcused(self) -> float:
-        return self.end - self.start - self.paused
-
-
-def pauses(
-    records: Sequence[Record], observed_until: float
-) -> dict[tuple[str, int], list[tuple[float, float]]]:
-    """SIGSTOP windows by node process: ``[(start, end)]``."""
-    out: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
-    since: dict[tuple[str, int], float] = {}
-    for record in _sorted(records):
-        key = (record.node, record.life)
-        if record.ev == "stop":
-            since[key] = record.t
-        elif record.ev in ("cont", "kill", "exit") and key in since:
-            out[key].append((since.pop(key), record.t))
-    for key, start in since.items():
-        out[key].append((start, observed_until))
-    return out
-
-
-def dual_leases(records: Sequence[Record], observed_until: float) -> list[DualLease]:
-    """Every overlap of two leaderships (of different processes), with the part of it that
-    the older holder spent stopped, which the guarantee excuses."""
-    held = leaderships(records, observed_until)
-    stopped = pauses(records, observed_until)
-    out = []
-    for i, first in enumerate(held):
-        for second in held[i + 1 :]:
-            if second.start >= first.end:
-                break  # sorted by start: no later one overlaps `first` either
-            if (first.node, first.life) == (second.node, second.life):
-                continue
-            start, end = second.start, min(first.end, second.end)
-            if end <= start:
-                continue
-            excused = sum(
-                max(0.0, min(end, p_end) - max(start, p_start))
-                for p_start, p_end in stopped.get((first.node, first.life), [])
-            )
-            out.append(DualLease(first, second, start, end, excused))
-    return out
-
-
-def check_terms(records: Sequence[Record], observed_until: float) -> list[str]:
-    """At most one leadership per term; each leadership's term above every earlier one's;
-    each node process's own term never going down."""
-    problems = []
-    by_term: dict[int, list[Leadership]] = defaultdict(list)
-    highest: Leadership | None = None
-    for held in leaderships(records, observed_until):
-        if held.term is None:
-            continue
-        by_term[held.term].append(held)
-        if highest is not None and highest.term is not None and held.term < highest.term:
-            problems.append(
-                f"term went backwards: {held.node} led with term {held.term} at "
-                f"{held.start:.3f}, after {highest.node} had led with term {highest.term}"
-            )
-        if highest is None or (highest.term or 0) < held.term:
-            highest = held
-    for term, holders in sorted(by_term.items()):
-        if len(holders) > 1:
-            names = ", ".join(f"{h.node}@{h.start:.3f}" for h in holders)
-            problems.append(f"term {term} led {len(holders)} times: {names}")
-    seen: dict[tuple[str, int], tuple[int, float]] = {}
-    for record in _sorted(records):
-        if record.ev != "leader" or record.data.get("term") is None:
-            continue
-        key = (record.node, record.life)
-        term = int(record.data["term"])
-        if key in seen and term < seen[key][0]:
-            problems.append(
-                f"{record.node} (life {record.life}): term went from {seen[key][0]} down to "
-                f"{term} at {record.t:.3f}"
-            )
-        seen[key] = (max(term, seen.get(key, (term, 0.0))[0]), record.t)
-    return problems
-
-
 @dataclass
 class Recovery:
     """How long after ``ended`` the group had one leader, and all agreed on it (None: not
@@ -325,22 +181,60 @@ def disruptions(records: Sequence[Record], start: float, end: float) -> list[Rec
     return [r for r in records if r.ev == "elected" and start <= r.t <= end]
 
 
-def leaderless_windows(
-    records: Sequence[Record], since: float, observed_until: float
-) -> list[tuple[float, float]]:
-    """Stretches of ``[since, observed_until]`` during which nobody held a valid lease."""
-    spans = sorted(
-        (held.start, held.end) for held in leaderships(records, observed_until) if held.end > since
-    )
-    gaps = []
-    covered = since
-    for start, end in spans:
-        if start > covered:
-            gaps.append((covered, start))
-        covered = max(covered, end)
-    if covered < observed_until:
-        gaps.append((covered, observed_until))
-    return gaps
+def loop_stall(
+    records: Sequence[Record],
+    node: str,
+    led: bool,
+    start: float,
+    end: float,
+    until: float,
+    limit: float,
+) -> list[str]:
+    """The invariants of one stall of ``node``'s app loop, from ``start`` to ``end`` (its own
+    ``stalling`` and ``unstalled`` reports), watched until ``until`` (the next fault); ``led``:
+    the node was the agreed leader when the stall began.
+
+    Below ``limit``: no leadership changes at all (nobody elected, the stalled leader not
+    demoted). Beyond it (``led`` only): no other node elected before the limit, another one
+    elected before the stall ends, and the stalled node not elected again until ``until``.
+    """
+    window = [r for r in records if start <= r.t <= until]
+    elected = [r for r in window if r.ev == "elected"]
+    what = f"{node}'s app loop stalled {end - start:.2f} s"
+    if end - start < limit:
+        problems = [
+            f"{what} (below the {limit:g} s limit): {r.node} elected (term "
+            f"{r.data.get('token')}) {r.t - start:.2f} s after the stall began"
+            for r in elected
+        ]
+        problems += [
+            f"{what} (below the {limit:g} s limit): it was demoted "
+            f"{r.t - start:.2f} s after the stall began"
+            for r in window
+            if r.ev == "demoted" and r.node == node and led
+        ]
+        return problems
+    if not led:
+        return []
+    problems = []
+    successors = [r for r in elected if r.node != node]
+    early = [r for r in successors if r.t < start + limit - HANDOVER_EARLY_SLACK]
+    for r in early:
+        problems.append(
+            f"{what}: {r.node} elected {r.t - start:.2f} s into the stall, before the "
+            f"{limit:g} s limit: the leadership was lost to the stall, not handed over"
+        )
+    if not any(r.t <= end for r in successors):
+        problems.append(
+            f"{what} (beyond the {limit:g} s limit): no other node was elected while it lasted"
+        )
+    for r in elected:
+        if r.node == node:
+            problems.append(
+                f"{what}: it was elected again {r.t - end:.2f} s after the stall ended "
+                "(a node handed over by its watchdog must wait before it stands again)"
+            )
+    return problems
 
 
 def count_events(acknowledged: Iterable[str], delivered: Sequence[str]) -> dict[str, int]:

@@ -13,7 +13,23 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-__all__ = ["KINDS", "Step", "describe", "schedule"]
+__all__ = [
+    "KINDS",
+    "LOOP_STALL_BELOW",
+    "LOOP_STALL_BEYOND",
+    "LOOP_STALL_LIMIT",
+    "Step",
+    "describe",
+    "schedule",
+]
+
+LOOP_STALL_LIMIT = 3.0
+"""The ``LEADER_LOOP_STALL_LIMIT`` (s) every chaos node runs with: above the longest SIGSTOP of
+``stop-leader`` (2.5 s, which stalls the app's loop too) and short enough for a run."""
+LOOP_STALL_BELOW = (0.5, LOOP_STALL_LIMIT - 1.0)
+"""``loop-stall`` durations: below the limit by a second at least (the watchdog's margin)."""
+LOOP_STALL_BEYOND = (LOOP_STALL_LIMIT + 1.5, LOOP_STALL_LIMIT + 3.0)
+"""``loop-stall-long`` durations: past the limit by more than a handover takes."""
 
 KINDS: tuple[str, ...] = (
     "kill-leader",  # SIGKILL the leader; restart it after `duration`
@@ -30,6 +46,8 @@ KINDS: tuple[str, ...] = (
     "net-cut-command",  # only its command connection(s)
     "net-latency",  # latency and jitter on every chunk, both ways
     "net-half-open",  # connections go silent; new ones are accepted and never answered
+    "loop-stall",  # block a node's app loop (`mode`: sleep or spin) below LOOP_STALL_LIMIT
+    "loop-stall-long",  # block the leader's app loop beyond LOOP_STALL_LIMIT: a handover
 )
 
 
@@ -49,7 +67,8 @@ class Step:
     gap: float
     """Quiet time after the group has recovered, before the next step."""
     mode: str = ""
-    """net-cut*: ``reset`` or ``drop``; redis-restart/-wipe: ``term`` or ``kill``."""
+    """net-cut*: ``reset`` or ``drop``; redis-restart/-wipe: ``term`` or ``kill``;
+    loop-stall*: ``sleep`` (``time.sleep``) or ``spin`` (pure Python, holding the GIL)."""
     latency: float = 0.0
     jitter: float = 0.0
 
@@ -59,7 +78,7 @@ def _draw(rng: random.Random, index: int, kind: str) -> Step:
     target = "redis" if kind.startswith("redis-") else rng.choice(("leader", "follower"))
     mode = ""
     latency = jitter = 0.0
-    if kind.endswith("-leader"):
+    if kind.endswith("-leader") or kind == "loop-stall-long":
         target = "leader"
     elif kind.endswith("-follower"):
         target = "follower"
@@ -72,6 +91,12 @@ def _draw(rng: random.Random, index: int, kind: str) -> Step:
         mode = rng.choice(("term", "kill"))
     elif kind.startswith("net-cut"):
         mode = rng.choice(("reset", "drop"))
+    elif kind == "loop-stall":
+        duration = round(rng.uniform(*LOOP_STALL_BELOW), 3)
+        mode = rng.choice(("sleep", "spin"))
+    elif kind == "loop-stall-long":
+        duration = round(rng.uniform(*LOOP_STALL_BEYOND), 3)
+        mode = rng.choice(("sleep", "spin"))
     elif kind == "net-latency":
         duration = round(rng.uniform(1.0, 3.0), 3)
         latency = round(rng.uniform(0.005, 0.25), 3)

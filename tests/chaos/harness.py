@@ -15,14 +15,14 @@ When the time is up, it waits for every acknowledged event to be delivered, stop
 gracefully (each must hand over and exit cleanly), and checks the whole log
 (:mod:`tests.chaos.checks`). Every process runs in a session of its own and is killed (its
 whole group) in ``finally``, and also when this process dies (``PR_SET_PDEATHSIG``, the Redis
-server included); every wait has a timeout, and a watchdog bounds the whole run.
+server included); every wait has a timeout, and a watchdog bounds the whole run. The
+processes, the reports and the waits are :mod:`harness`'s, shared with the benchmarks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import itertools
 import json
 import os
@@ -44,14 +44,16 @@ from redis.exceptions import RedisError
 
 from fastapi_leader.testing import RedisServer
 from fastapi_leader.transport.base import Names
+from harness import processes
+from harness.reports import parse
+from harness.waiting import Changes, until
 
 from . import checks
 from .checks import Record, View
-from .faults import KINDS, Step, describe, schedule
+from .faults import KINDS, LOOP_STALL_LIMIT, Step, describe, schedule
 from .proxy import CONNECTION_KINDS, FaultProxy
 from .workload import NODE_KINDS, NodeKind, NodeSpec, direct_client
 
-ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "fastapi-leader"
 
 # Starting a node process (imports: FastAPI, pydantic, redis, APScheduler) takes ~1 s here;
@@ -130,6 +132,8 @@ class StepResult:
     rejoin: checks.Recovery | None = None
     """kill-*/term-*: from the restarted node's ``joined`` report, how long until it (and
     everyone) named the leader."""
+    led: bool = False
+    """loop-stall*: the stalled node was the leader when the stall began."""
 
 
 @dataclass
@@ -144,13 +148,6 @@ class ChaosResult:
     @property
     def ok(self) -> bool:
         return not self.violations
-
-
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): be SIGKILLed when the harness dies."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _open_log(path: Path) -> BinaryIO:
@@ -210,33 +207,22 @@ class NodeProcess:
         self.paused = False
         stderr_path = harness.log_dir / f"{self.name}.{self.life}.stderr"
         self.stderr_paths.append(stderr_path)
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("LEADER_", "EXAMPLE_", "CHAOS_"))
-        }
-        env.update(
-            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-            PYTHONUNBUFFERED="1",
+        env = processes.clean_env(
             LEADER_REDIS_URL=self.proxy.url,
             LEADER_GROUP=harness.group,
             LEADER_CHANNEL_PREFIX=PREFIX,
             LEADER_NODE_ID=self.name,
+            LEADER_LOOP_STALL_LIMIT=str(LOOP_STALL_LIMIT),
             **kind.env(self.spec),
         )
         if harness.config.sabotage:
             env["CHAOS_SABOTAGE"] = harness.config.sabotage
         with _open_log(stderr_path) as stderr:
-            self.process = await asyncio.create_subprocess_exec(
-                *kind.command(self.spec),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=stderr,
-                cwd=harness.log_dir,  # no .env file there
+            self.process = await processes.spawn(
+                kind.command(self.spec),
                 env=env,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-                limit=1 << 20,
+                cwd=harness.log_dir,  # no .env file there
+                stderr=stderr,
             )
         harness.live_groups.add(self.process.pid)
         harness.record(self.name, self.life, "spawn", pid=self.process.pid)
@@ -247,17 +233,14 @@ class NodeProcess:
         assert process.stdout is not None
         try:
             async for line in process.stdout:
-                try:
-                    report = json.loads(line)
-                    t = float(report.pop("t"))
-                    ev = str(report.pop("ev"))
-                except (ValueError, KeyError, TypeError):
+                report = parse(line)
+                if report is None:
                     harness.violation(f"{self.name}: unparsable output line {line[:200]!r}")
                     continue
-                report.pop("pid", None)
-                harness.add(Record(t, self.name, life, ev, report))
+                harness.add(Record(report.t, self.name, life, report.ev, report.data))
         finally:
             code = await process.wait()
+            processes.forget(process.pid)
             harness.live_groups.discard(process.pid)
             if life == self.life:
                 expected = self.expected_exit
@@ -286,7 +269,6 @@ class NodeProcess:
     def signal(self, signum: signal.Signals) -> float:
         """Send ``signum`` to the node process and log it; return when it was sent."""
         assert self.process is not None
-        sent_at = time.monotonic()
         what = {
             signal.SIGKILL: "kill",
             signal.SIGTERM: "term",
@@ -297,11 +279,17 @@ class NodeProcess:
             self.expected_exit = what
         # Logged before it is sent: the log never shows a report from a process "after" it
         # was killed that it in fact wrote before.
+        sent_at = time.monotonic()
         self.harness.record(self.name, self.life, what, t=sent_at)
-        with contextlib.suppress(ProcessLookupError):
-            self.process.send_signal(signum)
+        processes.send(self.process.pid, signum)
         self.paused = signum == signal.SIGSTOP
         return sent_at
+
+    async def command(self, line: str) -> None:
+        """One command to the node (see :mod:`tests.chaos.steering`)."""
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        await self.process.stdin.drain()
 
     async def wait_exit(self, timeout: float) -> int | None:
         if self.process is None:
@@ -317,9 +305,7 @@ class NodeProcess:
             return
         if not self.expected_exit:
             self.expected_exit = "kill"
-        for signum in (signal.SIGCONT, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signum)
+        processes.kill_group(self.process.pid)
 
 
 class Chaos:
@@ -334,6 +320,7 @@ class Chaos:
         self.view = View()
         self.violations: list[str] = []
         self.live_groups: set[int] = set()
+        """The node processes of this run not reaped yet (earlier lives included)."""
         self.nodes: list[NodeProcess] = []
         self.proxies: list[FaultProxy] = []
         self.redis: RedisServer | None = None
@@ -343,8 +330,10 @@ class Chaos:
         self.publishing = True
         self.crashes = 0
         self.steps: list[StepResult] = []
+        self.stalls: list[tuple[str, float, float]] = []
+        """loop-stall*: (node, stall began, stall ended), by the node's own reports."""
         self.started = time.monotonic()
-        self._changed = asyncio.Event()
+        self._changed = Changes()
         self._rng = random.Random(config.seed)
 
     # ---- the log ---------------------------------------------------------------------------
@@ -352,8 +341,7 @@ class Chaos:
     def add(self, record: Record) -> None:
         self.records.append(record)
         self.view.apply(record)
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._changed.pulse()
 
     def record(self, node: str, life: int, ev: str, t: float | None = None, **data: Any) -> None:
         self.add(Record(time.monotonic() if t is None else t, node, life, ev, data))
@@ -369,16 +357,7 @@ class Chaos:
     async def wait_for(self, probe: Callable[[], Any], timeout: float) -> Any:
         """Wait until ``probe()`` is truthy (re-checked on each record, and every 50 ms);
         return its value, or None after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = probe()
-            if value:
-                return value
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.05))
+        return await until(probe, timeout, self._changed)
 
     # ---- the group -------------------------------------------------------------------------
 
@@ -532,6 +511,10 @@ class Chaos:
             if await self.joined(target):
                 await asyncio.sleep(JOIN_WATCH)
                 result.join_window = (result.restarted, time.monotonic())
+        elif kind.startswith("loop-stall"):
+            assert target is not None
+            result.led = target is leader
+            result.ended = await self._stall_loop(target, step)
         elif kind == "stop-leader":
             assert target is not None
             target.signal(signal.SIGSTOP)
@@ -572,6 +555,31 @@ class Chaos:
         await self.settle(f"step {step.index}")
         self.steps.append(result)
         return result
+
+    async def _stall_loop(self, target: NodeProcess, step: Step) -> float:
+        """Block ``target``'s app loop for the step's duration; return when it ended (its own
+        ``unstalled`` report; the harness's clock if it never came)."""
+        life, mark = target.life, len(self.records)
+        await target.command(f"stall {step.duration:g} {step.mode}")
+
+        def reported(ev: str) -> Record | None:
+            return next(
+                (
+                    r
+                    for r in self.records[mark:]
+                    if r.ev == ev and r.node == target.name and r.life == life
+                ),
+                None,
+            )
+
+        ended = await self.wait_for(lambda: reported("unstalled"), step.duration + STOP_TIMEOUT)
+        if ended is None:
+            self.violation(f"{target.name} did not report the end of its stall")
+            return time.monotonic()
+        began = reported("stalling")
+        if began is not None:
+            self.stalls.append((target.name, began.t, ended.t))
+        return float(ended.t)
 
     async def _restart_redis(self, step: Step) -> float:
         redis = self.redis
@@ -663,9 +671,7 @@ class Chaos:
             for node in self.nodes:
                 node.kill_group()
             for pgid in list(self.live_groups):
-                for signum in (signal.SIGCONT, signal.SIGKILL):
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(pgid, signum)
+                processes.kill_group(pgid)
             for node in self.nodes:
                 await node.wait_exit(5.0)
                 if node.reader is not None and not node.reader.done():
@@ -747,6 +753,22 @@ class Chaos:
                 ),
                 None,
             )
+        if result.step.kind.startswith("loop-stall") and result.target is not None:
+            stall = next(
+                (
+                    (began, ended)
+                    for node, began, ended in self.stalls
+                    if node == result.target and result.started <= began <= result.ended
+                ),
+                None,
+            )
+            if stall is not None:
+                problems += [
+                    f"{what}: {problem}"
+                    for problem in checks.loop_stall(
+                        records, result.target, result.led, *stall, next_start, LOOP_STALL_LIMIT
+                    )
+                ]
         if result.join_window is not None:
             start, end = result.join_window
             joined = next(

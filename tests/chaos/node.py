@@ -3,17 +3,19 @@
     python -m tests.chaos.node  # configured by LEADER_* and CHAOS_* environment variables
 
 It runs a :class:`LeaderElection` (``LEADER_*`` settings: the harness points
-``LEADER_REDIS_URL`` at the node's fault proxy), reports through :mod:`tests.chaos.reporting`,
+``LEADER_REDIS_URL`` at the node's fault proxy), reports through :mod:`harness.reports`,
 and, while it leads, moves events from a Redis Stream to a delivery list with fenced writes
 (:class:`StreamMover`), so that the harness can count lost and duplicated events.
 
 SIGTERM (or the end of stdin: the harness is gone) stops the election gracefully and exits 0.
+The harness's commands on stdin (``stall``) are those of :mod:`tests.chaos.steering`.
 
 ``CHAOS_SABOTAGE`` breaks the node on purpose, to show that the harness notices:
 
 - ``long-lease``: the node trusts its lease for 2 s while Redis's key lives for the configured
   lease only (as a node that ignores its lease's expiry would): two valid leaderships overlap
-  as soon as the leader is cut off or paused;
+  as soon as the leader is cut off or paused (an observer cuts the key's TTL back right after
+  each acquire and renewal);
 - ``unfenced-work``: the mover reads and writes without fencing tokens: a leader paused
   between its read and its write delivers events a second time;
 - ``raise-on-demote``: an ``on_demoted`` callback raises (the library logs a traceback).
@@ -28,13 +30,19 @@ import logging
 import os
 import signal
 import sys
+import time
 
+from redis import Redis as BlockingRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from fastapi_leader import LeaderElection, LeaderSettings, RedisTransport
+from fastapi_leader import LeaderElection, LeaderSettings
+from fastapi_leader.events import ElectionObserver, LeaseAcquired, LeaseRenewed
+from fastapi_leader.transport.base import Names
+from harness.reporter import NodeReporter
+from harness.reports import emit
 
-from .reporting import Reporter, emit
+from .steering import follow_commands
 
 log = logging.getLogger("chaos.node")
 
@@ -111,7 +119,14 @@ class StreamMover:
             entries = await self.redis.xrange(keys["stream"], f"({last}", "+", count=BATCH)
         if not entries:
             return 0
-        await asyncio.sleep(PROCESSING_SECONDS)
+        if self.fenced:
+            await asyncio.sleep(PROCESSING_SECONDS)
+        else:
+            # Processing that holds the loop (CPU work, a sync client): a stop that lands in it
+            # resumes straight into the write below, before the loop can run the demotion's
+            # cancel. With an await here the runtime's prompt cancel usually won that race, and
+            # the missing fence went unseen in some runs.
+            time.sleep(PROCESSING_SECONDS)  # noqa: ASYNC251 (the point: it holds the loop)
         ids = [_event_id(fields) for _, fields in entries]
         checkpoint = entries[-1][0]
         if self.fenced:
@@ -147,20 +162,34 @@ def _event_id(fields: dict[bytes, bytes] | list[bytes]) -> bytes:
     return pairs[b"id"]
 
 
-def _sabotage_lease(election: LeaderElection, real_lease: float) -> None:
-    """long-lease: the core counts a long lease; Redis's key keeps the real one."""
-    core = election._core
-    core.timing = dataclasses.replace(core.timing, lease=SABOTAGED_LEASE)
-    acquire, renew = RedisTransport.acquire, RedisTransport.renew
+class _ShortKey(ElectionObserver):
+    """long-lease: the core counts a long lease; Redis's key keeps the real one. Right after
+    each acquire or renewal (which gave the key the long TTL) the key's TTL is cut back, on the
+    election thread, before it does anything else (a blocking command: this node is broken on
+    purpose)."""
 
-    async def short_acquire(transport: RedisTransport, term: int, ttl: float, ann: bytes) -> bool:
-        return await acquire(transport, term, min(ttl, real_lease), ann)
+    def __init__(self, settings: LeaderSettings) -> None:
+        self.key = Names(settings.channel_prefix, settings.group, settings.node_id or "").leader_key
+        self.ttl_ms = int(settings.lease * 1000)
+        self.client = BlockingRedis.from_url(
+            settings.redis_url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
+        )
 
-    async def short_renew(transport: RedisTransport, term: int, ttl: float, ann: bytes) -> bool:
-        return await renew(transport, term, min(ttl, real_lease), ann)
+    def _cut(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            self.client.pexpire(self.key, self.ttl_ms)
 
-    RedisTransport.acquire = short_acquire  # type: ignore[method-assign,assignment]
-    RedisTransport.renew = short_renew  # type: ignore[method-assign,assignment]
+    def lease_acquired(self, event: LeaseAcquired) -> None:
+        self._cut()
+
+    def lease_renewed(self, event: LeaseRenewed) -> None:
+        self._cut()
+
+
+def _sabotage_lease(election: LeaderElection, settings: LeaderSettings) -> None:
+    """long-lease: the core is built from these timings at start."""
+    election.timing = dataclasses.replace(election.timing, lease=SABOTAGED_LEASE)
+    election.add_observer(_ShortKey(settings))
 
 
 async def main() -> None:
@@ -168,10 +197,11 @@ async def main() -> None:
     if sabotage and sabotage not in SABOTAGES:
         raise SystemExit(f"unknown CHAOS_SABOTAGE {sabotage!r}; known: {', '.join(SABOTAGES)}")
     settings = LeaderSettings()
-    election = LeaderElection(settings)
+    reporter = NodeReporter()
+    election = LeaderElection(settings, observer=reporter)
+    reporter.attach(election)
     if sabotage == "long-lease":
-        _sabotage_lease(election, settings.lease)  # before the reporter wraps the transport
-    Reporter(election)
+        _sabotage_lease(election, settings)
     redis = Redis.from_url(
         settings.redis_url,
         socket_timeout=REDIS_TIMEOUT,
@@ -197,7 +227,7 @@ async def main() -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    watcher = asyncio.create_task(_until_stdin_closes(stop))
+    watcher = asyncio.create_task(follow_commands(stop.set))
     emit("armed", sabotage=sabotage or None)
     try:
         await election.start()
@@ -210,16 +240,6 @@ async def main() -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(redis.aclose(), 2.0)
     emit("exiting")
-
-
-async def _until_stdin_closes(stop: asyncio.Event) -> None:
-    """The harness keeps our stdin open; its end means the harness died: leave."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    while await reader.read(1024):
-        pass
-    stop.set()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 ``CHAOS_SEED`` and ``CHAOS_DURATION`` (seconds of faults, default 100: about two minutes in
 all) set the short run; the long run is ``python -m tests.chaos --duration 600``.
 
+``test_app_loop_stalls_below_and_beyond_the_limit`` runs the two stall faults alone, once
+each (``python -m tests.chaos --faults loop-stall,loop-stall-long`` for more of them).
+
 The sabotaged runs break the nodes on purpose (see :mod:`tests.chaos.node`) and check that the
 harness says so: a harness that cannot fail proves nothing.
 """
@@ -94,3 +97,34 @@ async def test_an_unfenced_mover_is_caught_delivering_twice(tmp_path: Path) -> N
     # Nothing else is wrong with these nodes: the election itself held.
     assert result.summary["dual_lease_ms"] == 0, output
     assert all("duplicate deliveries" in v for v in result.violations), output
+
+
+STALL_FAULTS = ("loop-stall", "loop-stall-long")
+# The first round of the stall faults holds one of each: about 12 s with the settles and gaps.
+STALL_DURATION = 10.0
+
+
+def stall_seed() -> int:
+    """The first seed whose first round stalls the leader in both faults (below and beyond
+    the limit), so that the run checks the leader's side of both."""
+    for seed in itertools.count():
+        steps = schedule(seed, STALL_FAULTS)
+        if all(next(steps).target == "leader" for _ in STALL_FAULTS):
+            return seed
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.timeout(300)
+async def test_app_loop_stalls_below_and_beyond_the_limit(tmp_path: Path) -> None:
+    # Below LEADER_LOOP_STALL_LIMIT nothing changes; beyond it the leader hands over once the
+    # limit has passed. A runtime that shares the app's loop fails the first half: its leader
+    # loses the lead half a second into any stall.
+    config = ChaosConfig(
+        seed=stall_seed(),
+        duration=STALL_DURATION,
+        faults=STALL_FAULTS,
+        log_dir=tmp_path / "chaos",
+    )
+    result, output = await run(config)
+    assert {step.step.kind for step in result.steps} == set(STALL_FAULTS), output
+    assert result.ok, f"{len(result.violations)} violation(s); replay: {config.replay()}\n{output}"

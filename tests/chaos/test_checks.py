@@ -1,150 +1,22 @@
 """The chaos checks on hand-made logs: each invariant is caught when broken, and not before.
 
+(Leaderships, terms and dual leases are :mod:`harness.leases`'s: tests/test_harness_leases.py.)
+
 These are what keeps the harness honest: a checker that never fails would pass any run.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from harness.leases import Record
 from tests.chaos import checks
-from tests.chaos.checks import Record
-from tests.chaos.faults import KINDS, schedule
+from tests.chaos.faults import KINDS, LOOP_STALL_LIMIT, schedule
 from tests.chaos.harness import find_tracebacks
 from tests.chaos.proxy import classify
-
-END = 100.0
-
-
-def rec(t: float, node: str, ev: str, life: int = 1, **data: Any) -> Record:
-    return Record(t, node, life, ev, data)
-
-
-def lead(
-    node: str,
-    term: int,
-    start: float,
-    lease_end: float,
-    *,
-    demoted: float | None = None,
-    life: int = 1,
-) -> list[Record]:
-    """A leadership as a node reports it: acquired, elected, maybe demoted."""
-    out = [
-        rec(start, node, "lease", life, term=term, lease_end=lease_end, acquired=True),
-        rec(start + 0.001, node, "elected", life, token=term, lease_end=lease_end),
-    ]
-    if demoted is not None:
-        out.append(rec(demoted, node, "demoted", life))
-    return out
-
-
-def unexcused(records: list[Record]) -> float:
-    return sum(d.unexcused for d in checks.dual_leases(records, END))
-
-
-# ---- leases ----------------------------------------------------------------------------------
-
-
-def test_leases_one_after_the_other_are_fine() -> None:
-    records = lead("a", 1, 0.0, 1.0, demoted=1.0) + lead("b", 2, 1.5, 2.0)
-    assert checks.dual_leases(records, END) == []
-    assert checks.check_terms(records, END) == []
-
-
-def test_overlapping_leases_are_caught() -> None:
-    records = lead("a", 1, 0.0, 2.0) + lead("b", 2, 1.5, 3.0)
-    assert unexcused(records) == pytest.approx(0.5)
-
-
-def test_a_renewal_extends_the_lease() -> None:
-    records = [
-        *lead("a", 1, 0.0, 0.4),
-        rec(0.3, "a", "lease", term=1, lease_end=1.7, lease_end_lo=1.7),
-        *lead("b", 2, 1.5, 3.0),
-    ]
-    assert unexcused(records) == pytest.approx(0.2)
-
-
-def test_the_demotion_ends_the_lease_early() -> None:
-    records = lead("a", 1, 0.0, 2.0, demoted=1.0) + lead("b", 2, 1.5, 3.0)
-    assert unexcused(records) == 0
-
-
-def test_overlap_while_the_old_holder_is_stopped_is_excused() -> None:
-    records = [
-        *lead("a", 1, 0.0, 2.0),
-        rec(1.0, "a", "stop"),
-        *lead("b", 2, 1.5, 3.0),
-        rec(2.5, "a", "cont"),
-        rec(2.51, "a", "demoted"),
-    ]
-    (dual,) = checks.dual_leases(records, END)
-    assert dual.paused == pytest.approx(0.5)
-    assert dual.unexcused == pytest.approx(0.0)
-
-
-def test_overlap_after_the_pause_is_caught() -> None:
-    records = [
-        *lead("a", 1, 0.0, 2.0),
-        rec(1.0, "a", "stop"),
-        *lead("b", 2, 1.5, 3.0),
-        rec(1.8, "a", "cont"),
-        rec(1.9, "a", "demoted"),
-    ]
-    assert unexcused(records) == pytest.approx(0.1)
-
-
-def test_a_killed_leader_leads_no_more() -> None:
-    records = [*lead("a", 1, 0.0, 2.0), rec(1.0, "a", "kill"), *lead("b", 2, 1.5, 3.0)]
-    assert unexcused(records) == 0
-
-
-def test_a_lease_read_across_a_pause_is_dated_by_its_lower_reading() -> None:
-    records = [
-        *lead("a", 1, 0.0, 0.4),
-        rec(0.3, "a", "lease", term=1, lease_end=5.0, lease_end_lo=0.7),
-        *lead("b", 2, 1.5, 3.0),
-    ]
-    assert unexcused(records) == 0
-
-
-def test_the_same_node_restarted_is_another_holder() -> None:
-    records = lead("a", 1, 0.0, 2.0) + lead("a", 2, 1.5, 3.0, life=2)
-    assert unexcused(records) == pytest.approx(0.5)
-
-
-# ---- terms -----------------------------------------------------------------------------------
-
-
-def test_two_leaderships_in_one_term_are_caught() -> None:
-    records = lead("a", 3, 0.0, 1.0, demoted=1.0) + lead("b", 3, 2.0, 3.0)
-    (problem,) = checks.check_terms(records, END)
-    assert "term 3 led 2 times" in problem
-
-
-def test_a_term_going_backwards_is_caught() -> None:
-    records = lead("a", 5, 0.0, 1.0, demoted=1.0) + lead("b", 4, 2.0, 3.0)
-    (problem,) = checks.check_terms(records, END)
-    assert "term went backwards" in problem
-
-
-def test_a_node_whose_term_goes_down_is_caught() -> None:
-    records = [rec(1.0, "a", "leader", leader="b", term=7), rec(2.0, "a", "leader", term=6)]
-    (problem,) = checks.check_terms(records, END)
-    assert "from 7 down to 6" in problem
-
-
-def test_a_restarted_node_may_start_its_terms_again() -> None:
-    records = [
-        rec(1.0, "a", "leader", leader="b", term=7),
-        rec(2.0, "a", "leader", 2, leader="b", term=0),
-    ]
-    assert checks.check_terms(records, END) == []
-
+from tests.test_harness_leases import END, lead, rec
 
 # ---- recovery --------------------------------------------------------------------------------
 
@@ -209,11 +81,6 @@ def test_disruptions_are_elections_in_the_window() -> None:
     assert [r.node for r in checks.disruptions(records, 4.0, 6.0)] == ["b"]
 
 
-def test_leaderless_windows() -> None:
-    records = lead("a", 1, 1.0, 2.0, demoted=2.0) + lead("b", 2, 2.5, 4.0, demoted=4.0)
-    assert checks.leaderless_windows(records, 1.0, 5.0) == [(2.0, 2.5), (4.0, 5.0)]
-
-
 # ---- events, tracebacks ----------------------------------------------------------------------
 
 
@@ -240,6 +107,62 @@ def test_tracebacks_are_found(tmp_path: Path) -> None:
     assert "Boom" in problem
 
 
+# ---- app-loop stalls ----------------------------------------------------------------------------
+
+LIMIT = 3.0
+
+
+def stall_problems(records: list[Record], led: bool, start: float, end: float) -> list[str]:
+    return checks.loop_stall(records, "a", led, start, end, END, LIMIT)
+
+
+def test_a_stall_below_the_limit_that_changes_nothing_is_fine() -> None:
+    records = lead("a", 1, 0.0, 20.0)
+    assert stall_problems(records, True, 5.0, 7.0) == []
+    assert stall_problems(records, False, 5.0, 7.0) == []  # "a" is a follower here
+
+
+def test_a_leader_stalled_below_the_limit_that_loses_its_leadership_is_caught() -> None:
+    records = lead("a", 1, 0.0, 5.4, demoted=7.0) + lead("b", 2, 5.6, 20.0)
+    problems = stall_problems(records, True, 5.0, 7.0)
+    assert len(problems) == 2
+    assert "b elected (term 2) 0.60 s after the stall began" in problems[0]
+    assert "it was demoted" in problems[1]
+
+
+def test_a_follower_stalled_below_the_limit_that_stands_is_caught() -> None:
+    records = lead("b", 1, 0.0, 5.5, demoted=7.1) + lead("a", 2, 7.2, 20.0)
+    (problem,) = stall_problems(records, False, 5.0, 7.0)
+    assert "a elected (term 2)" in problem
+
+
+def test_a_leader_stalled_beyond_the_limit_that_hands_over_after_it_is_fine() -> None:
+    records = lead("a", 1, 0.0, 8.1, demoted=10.0) + lead("b", 2, 8.2, 20.0)
+    assert stall_problems(records, True, 5.0, 10.0) == []
+
+
+def test_a_leader_stalled_beyond_the_limit_that_loses_the_lead_early_is_caught() -> None:
+    records = lead("a", 1, 0.0, 5.4, demoted=10.0) + lead("b", 2, 5.6, 20.0)
+    (problem,) = stall_problems(records, True, 5.0, 10.0)
+    assert "before the 3 s limit" in problem
+
+
+def test_a_leader_stalled_beyond_the_limit_that_keeps_the_lead_is_caught() -> None:
+    records = lead("a", 1, 0.0, 20.0)
+    (problem,) = stall_problems(records, True, 5.0, 10.0)
+    assert "no other node was elected" in problem
+
+
+def test_a_leader_handed_over_by_its_watchdog_that_stands_again_at_once_is_caught() -> None:
+    records = (
+        lead("a", 1, 0.0, 8.1, demoted=10.0)
+        + lead("b", 2, 8.2, 10.3, demoted=10.3)
+        + lead("a", 3, 10.5, 20.0)
+    )
+    (problem,) = stall_problems(records, True, 5.0, 10.0)
+    assert "elected again 0.50 s after the stall ended" in problem
+
+
 # ---- schedule, proxy classification ----------------------------------------------------------
 
 
@@ -261,6 +184,18 @@ def test_every_kind_comes_once_a_round() -> None:
 def test_a_stopped_leader_stays_stopped_longer_than_the_election_timeout() -> None:
     steps = schedule(1, ["stop-leader"])
     assert min(next(steps).duration for _ in range(200)) > 0.75
+
+
+def test_loop_stalls_fall_below_and_beyond_the_limit() -> None:
+    below = schedule(1, ["loop-stall"])
+    beyond = schedule(1, ["loop-stall-long"])
+    shorts = [next(below) for _ in range(200)]
+    longs = [next(beyond) for _ in range(200)]
+    assert max(step.duration for step in shorts) <= LOOP_STALL_LIMIT - 1.0
+    assert min(step.duration for step in longs) >= LOOP_STALL_LIMIT + 1.5
+    assert {step.target for step in longs} == {"leader"}
+    assert {step.target for step in shorts} == {"leader", "follower"}
+    assert {step.mode for step in shorts + longs} == {"sleep", "spin"}
 
 
 def resp(*args: str) -> bytes:

@@ -2,7 +2,8 @@
 
 - ``make_cluster``: a factory, ``make_cluster(**env)`` returns an empty
   :class:`~tests.e2e.nodes.AppCluster` (start nodes with ``cluster.start(3)``); every node of
-  every cluster it made is stopped after the test, pass or fail.
+  every cluster it made is stopped after the test, pass or fail. ``make_cluster(app=...)``
+  serves another app than the example (e.g. ``nodes.STALL_APP``).
 - ``shared_cluster``: three running nodes (``STEADY`` timings) shared by a module's tests
   that do not change the leadership.
 
@@ -19,7 +20,7 @@ import pytest
 
 from fastapi_leader.testing import RedisServer
 
-from .nodes import AppCluster
+from .nodes import EXAMPLE_APP, AppCluster
 
 MakeCluster = Callable[..., AppCluster]
 
@@ -41,9 +42,9 @@ unrelated re-election. The rule behind each default still holds (lease < timeout
 def make_cluster(redis_server: RedisServer, tmp_path: Path) -> Iterator[MakeCluster]:
     with contextlib.ExitStack() as clusters:
 
-        def make(**env: str) -> AppCluster:
+        def make(app: str = EXAMPLE_APP, **env: str) -> AppCluster:
             return clusters.enter_context(
-                AppCluster(redis_server.url, tmp_path, **{**_TEST_ENV, **env})
+                AppCluster(redis_server.url, tmp_path, app, **{**_TEST_ENV, **env})
             )
 
         yield make

