@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from harness import processes
+
 Message = dict[str, Any]
 GROUP = "guard-bench"
 
@@ -200,6 +202,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if followers is not None:
             followers.terminate()
             await followers.wait()
+            processes.forget(followers.pid)
         await shutdown()
 
 
@@ -238,15 +241,11 @@ async def _measure(
 
 
 async def _start_followers(args: argparse.Namespace) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "benchmarks.node",
-        "--impl",
-        "ours",
-        "--redis-url",
-        args.redis_url,
-        stdin=asyncio.subprocess.PIPE,
+    process = await processes.spawn(
+        [sys.executable, "-m", "benchmarks.node", "--impl", "ours", "--redis-url", args.redis_url],
+        env=processes.clean_env(),
+        cwd=processes.ROOT,
+        stderr=None,
         stdout=asyncio.subprocess.DEVNULL,
     )
     assert process.stdin is not None

@@ -1,31 +1,53 @@
-"""Process management, the event log, cluster helpers and statistics for the benchmarks.
+"""The benchmarks' implementations, event log, clusters and statistics, over :mod:`harness`.
 
-Every node process is started in a session (process group) of its own and registered here;
-:meth:`Harness.close` (run from ``finally`` blocks, also on Ctrl-C) wakes and kills every group
-that is still there, and an ``atexit`` hook does the same if the event loop never got to it.
-The nodes exit on their own when their stdin closes, so a harness that dies leaves nothing
-behind either (unless it dies while a node is SIGSTOPped).
+Every node process is started by :func:`harness.processes.spawn`: in a session (process
+group) of its own, killed by the kernel if this process dies (``PR_SET_PDEATHSIG``), and
+registered so that an ``atexit`` hook kills what is left; :meth:`Harness.close` (run from
+``finally`` blocks, also on Ctrl-C) wakes and kills every group that is still there. The nodes
+also exit on their own when their stdin closes. Reports are :mod:`harness.reports` lines; the
+leaderships and their overlaps are :mod:`harness.leases`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
-import json
 import math
 import os
 import signal
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-REPO = Path(__file__).resolve().parent.parent
+from harness import processes
+from harness.leases import Record, leaderships, overlap
+from harness.reports import parse
+from harness.waiting import Changes
+from harness.waiting import wait_for as wait_until
+
+REPO = processes.ROOT
 _T = TypeVar("_T")
+
+__all__ = [
+    "IMPLS",
+    "REPO",
+    "Cluster",
+    "Event",
+    "Harness",
+    "Impl",
+    "NodeState",
+    "Pool",
+    "Proc",
+    "cpu_seconds",
+    "leadership_intervals",
+    "overlap",
+    "rss_mb",
+    "summary",
+]
 
 # ---- implementations ---------------------------------------------------------------------------
 
@@ -56,9 +78,10 @@ class Impl:
     parallel lanes in the full run."""
 
 
-def _ours(name: str, profile: str, title: str) -> Impl:
+def _ours(name: str, profile: str, title: str, *, slow: bool = False) -> Impl:
     """Our row for a profile of ``benchmarks.node``, its figures read from LeaderSettings (the
-    defaults, or ``LeaderSettings.FAST_PROFILE``), so the table always says what ran."""
+    defaults, ``LeaderSettings.FAST_PROFILE`` or ``ECONOMY_PROFILE``), so the table always says
+    what ran."""
     from fastapi_leader import LeaderSettings
 
     fields = LeaderSettings.model_fields
@@ -74,6 +97,8 @@ def _ours(name: str, profile: str, title: str) -> Impl:
     }
     if profile == "fast":
         timings.update(LeaderSettings.FAST_PROFILE)
+    elif profile == "economy":
+        timings.update(LeaderSettings.ECONOMY_PROFILE)
     hb, tmin, tmax = (
         timings["heartbeat_interval"],
         timings["election_timeout_min"],
@@ -93,6 +118,7 @@ def _ours(name: str, profile: str, title: str) -> Impl:
         # have stood by then.
         settle=round(tmax + 0.05, 3),
         knows_leader=True,
+        slow=slow,
     )
 
 
@@ -101,6 +127,7 @@ IMPLS: dict[str, Impl] = {
     for impl in [
         _ours("ours", "default", "defaults"),
         _ours("ours-fast", "fast", "LeaderSettings.fast()"),
+        _ours("ours-economy", "economy", "LeaderSettings.economy()", slow=True),
         Impl(
             "tooz",
             "tooz",
@@ -201,6 +228,7 @@ class Proc:
         self.paused = False
         self.nodes: list[str] = []  # started and not stopped
         self.reader: asyncio.Task[None] | None = None
+        self.armed_by = "armed"  # the report that says the process is ready
 
     def __repr__(self) -> str:
         return f"<Proc {self.impl.name} pid={self.pid} nodes={len(self.nodes)}>"
@@ -213,8 +241,7 @@ class Proc:
 
     def signal(self, signum: int) -> float:
         """Send a signal; return the monotonic time just before it was sent."""
-        sent_at = time.monotonic()
-        os.kill(self.pid, signum)
+        sent_at = processes.send(self.pid, signum)
         if signum == signal.SIGKILL:
             self.killed, self.killed_at = True, sent_at
         elif signum == signal.SIGSTOP:
@@ -250,21 +277,6 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-_LIVE_GROUPS: set[int] = set()
-
-
-def _kill_leftovers() -> None:
-    """atexit: kill every process group the harness started and did not reap."""
-    for pgid in list(_LIVE_GROUPS):
-        for signum in (signal.SIGCONT, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signum)
-    _LIVE_GROUPS.clear()
-
-
-atexit.register(_kill_leftovers)
-
-
 class Harness:
     """Starts node processes, keeps their event log and each node's state."""
 
@@ -272,14 +284,11 @@ class Harness:
         self.events: list[Event] = []
         self.states: dict[str, NodeState] = {}
         self.procs: dict[int, Proc] = {}
-        self._changed = asyncio.Event()
+        self._changed = Changes()
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(log_path, "ab")  # noqa: SIM115 (closed in close())
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1",
-        }
+        # Not the developer's LEADER_* settings: each node gets its own on the command line.
+        self.env = processes.clean_env()
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -287,28 +296,26 @@ class Harness:
         self, impl: Impl, redis_url: str, extra: Sequence[str] = (), *, armed: str = "armed"
     ) -> Proc:
         """Start a node process and wait until it reports ``armed`` (imports done)."""
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "benchmarks.node",
-            "--impl",
-            impl.kind,
-            "--redis-url",
-            redis_url,
-            *impl.args,
-            *extra,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=self.log,
-            cwd=REPO,
+        process = await processes.spawn(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.node",
+                "--impl",
+                impl.kind,
+                "--redis-url",
+                redis_url,
+                *impl.args,
+                *extra,
+            ],
             env=self.env,
-            start_new_session=True,
-            limit=1 << 20,
+            cwd=REPO,
+            stderr=self.log,
         )
-        _LIVE_GROUPS.add(process.pid)
         proc = Proc(self, impl, process)
         self.procs[proc.pid] = proc
-        proc.reader = asyncio.create_task(self._read(proc, armed))
+        proc.armed_by = armed
+        proc.reader = asyncio.create_task(self._read(proc))
         await self.wait_for(lambda: proc.armed or not proc.alive, 60, f"{impl.name} to arm")
         if not proc.alive:
             raise RuntimeError(f"{impl.name} node process exited at startup (see the log)")
@@ -317,21 +324,20 @@ class Harness:
     async def spawn_many(self, impl: Impl, redis_url: str, count: int) -> list[Proc]:
         return list(await asyncio.gather(*(self.spawn(impl, redis_url) for _ in range(count))))
 
-    async def _read(self, proc: Proc, armed: str) -> None:
+    async def _read(self, proc: Proc) -> None:
         stdout = proc.process.stdout
         assert stdout is not None
         try:
             async for line in stdout:
-                try:
-                    record = json.loads(line)
-                except ValueError:
+                report = parse(line)
+                if report is None:
                     self.log.write(b"unparsed: " + line)
                     continue
-                self._record(proc, record, armed)
+                self._record(proc, report.t, report.ev, report.pid, report.node, report.data)
         finally:
             proc.alive = False
             await proc.process.wait()
-            _LIVE_GROUPS.discard(proc.pid)
+            processes.forget(proc.pid)
             died_at = proc.killed_at if proc.killed_at is not None else time.monotonic()
             for node in proc.nodes:
                 self.states[node].left = True
@@ -339,11 +345,18 @@ class Harness:
             proc.nodes = []
             self._pulse()
 
-    def _record(self, proc: Proc, record: dict[str, Any], armed: str) -> None:
-        t = float(record.pop("t"))
-        ev = str(record.pop("ev"))
-        pid = int(record.pop("pid"))
-        node = record.pop("node", None)
+    def _record(
+        self,
+        proc: Proc,
+        t: float,
+        ev: str,
+        pid: int | None,
+        node: str | None,
+        record: dict[str, Any],
+    ) -> None:
+        armed = proc.armed_by
+        if pid is None:
+            pid = proc.pid
         event = Event(t, ev, pid, node, record)
         self.events.append(event)
         if ev == armed:
@@ -372,22 +385,12 @@ class Harness:
         self._pulse()
 
     def _pulse(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._changed.pulse()
 
     async def wait_for(self, probe: Callable[[], _T], timeout: float, what: str) -> _T:
-        """Wait until ``probe()`` is truthy (re-checked on every event); return its value."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = probe()
-            if value:
-                return value
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"timed out after {timeout:.1f} s waiting for {what}")
-            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                # Also re-check now and then: some probes depend on the clock alone.
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.05))
+        """Wait until ``probe()`` is truthy (re-checked on every event and every 50 ms: some
+        probes depend on the clock alone); return its value. TimeoutError after ``timeout``."""
+        return await wait_until(probe, timeout, what, self._changed)
 
     async def exited(self, proc: Proc, timeout: float) -> None:
         await self.wait_for(lambda: not proc.alive, timeout, f"pid {proc.pid} to exit")
@@ -409,9 +412,8 @@ class Harness:
         """SIGTERM (and SIGCONT), then SIGKILL the group if it does not exit in time."""
         if not proc.alive:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-            os.kill(proc.pid, signal.SIGCONT)
+        processes.send(proc.pid, signal.SIGTERM)
+        processes.send(proc.pid, signal.SIGCONT)
         try:
             await self.exited(proc, timeout)
         except TimeoutError:
@@ -421,9 +423,7 @@ class Harness:
     def kill_group(self, proc: Proc) -> None:
         if not proc.killed:
             proc.killed, proc.killed_at = True, time.monotonic()
-        for signum in (signal.SIGCONT, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signum)
+        processes.kill_group(proc.pid)
 
     async def close(self) -> None:
         """Kill every process still running (their groups) and reap them."""
@@ -435,7 +435,7 @@ class Harness:
                 await asyncio.wait_for(proc.process.wait(), 5.0)
             if proc.reader is not None:
                 proc.reader.cancel()
-        _kill_leftovers()
+        processes.kill_leftovers()
         self.log.close()
 
     async def retire(self, procs: Iterable[Proc]) -> None:
@@ -678,59 +678,17 @@ def summary(samples: Sequence[float], timeouts: int = 0) -> dict[str, float] | N
     }
 
 
-def overlap(intervals: Sequence[tuple[float, float]]) -> float:
-    """Total time during which at least two of the intervals overlap."""
-    points: list[tuple[float, int]] = []
-    for start, end in intervals:
-        if end > start:
-            points += [(start, 1), (end, -1)]
-    points.sort()
-    depth, total, since = 0, 0.0, 0.0
-    for at, step in points:
-        if depth >= 2:
-            total += at - since
-        depth += step
-        since = at
-    return total
-
-
 def leadership_intervals(
-    events: Sequence[Event], observed_until: float, lease_cap: dict[str, float] | None = None
+    events: Sequence[Event], observed_until: float, lease_cap: Mapping[str, float] | None = None
 ) -> list[tuple[str, float, float]]:
-    """Each node's leaderships as ``(node, start, end)`` by the nodes' own reports.
-
-    A leadership starts at the earlier of its ``elected`` report and the report of the
-    acquisition that led to it. It ends at the earlier of the ``demoted`` report and the
-    latest ``lease_end`` the node reported (its own reading of when its lease ends, renewals
-    included); with neither (tooz), at ``observed_until``. ``lease_cap`` optionally caps a
-    node's lease end (the harness's upper bound for a SIGSTOPped node)."""
-    out: list[tuple[str, float, float]] = []
-    open_: dict[str, list[float | None]] = {}  # node -> [start, lease_end]
-    for e in sorted(events, key=lambda e: e.t):
-        node = e.node
-        if node is None:
-            continue
-        if e.ev == "lease":
-            lease_end = e.data.get("lease_end")
-            if e.data.get("acquired") and node not in open_:
-                open_[node] = [e.t, lease_end]
-            elif node in open_ and lease_end is not None:
-                current = open_[node][1]
-                open_[node][1] = lease_end if current is None else max(current, lease_end)
-        elif e.ev == "elected":
-            if node not in open_:
-                open_[node] = [e.t, e.data.get("lease_end")]
-        elif e.ev in ("demoted", "left") and node in open_:
-            start, lease_end = open_.pop(node)
-            assert start is not None
-            end = e.t if lease_end is None else min(e.t, lease_end)
-            if lease_cap and node in lease_cap:
-                end = min(end, lease_cap[node])
-            out.append((node, start, end))
-    for node, (start, lease_end) in open_.items():
-        assert start is not None
-        end = observed_until if lease_end is None else min(lease_end, observed_until)
-        if lease_cap and node in lease_cap:
-            end = min(end, lease_cap[node])
-        out.append((node, start, end))
-    return out
+    """Each node's leaderships as ``(node, start, end)`` by the nodes' own reports
+    (:func:`harness.leases.leaderships`: from the earlier of ``elected`` and the lease's
+    acquisition to the earliest of ``demoted``/``left``/``released`` and the last lease end
+    the node reported; with neither, as tooz, ``observed_until``). ``lease_cap`` optionally
+    caps a node's lease end (when its process died; the harness's upper bound for a
+    SIGSTOPped node)."""
+    records = [Record(e.t, e.node, e.pid, e.ev, e.data) for e in events if e.node is not None]
+    return [
+        (held.node, held.start, held.end)
+        for held in leaderships(records, observed_until, lease_cap)
+    ]

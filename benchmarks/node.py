@@ -8,24 +8,29 @@ steers it through stdin, one command a line:
 - ``churn GROUP SIZE PERIOD LABEL``: keep SIZE nodes in GROUP; every PERIOD seconds a node with
   a fresh id joins and the oldest leaves (the memory scenario);
 - ``stats``: one ``stats`` line per node (commands it sent, by kind and role, table sizes);
+- ``stall SECONDS KIND``: block this process's event loop (the one the nodes were started on:
+  the application's loop) for SECONDS, ``sleep`` (``time.sleep``) or ``spin`` (pure Python,
+  holding the GIL), as a route of the app would; reported as ``stalling`` and ``unstalled``;
 - ``exit``: stop everything and exit.
 
 SIGTERM stops every node gracefully (``await election.stop()`` for ours), then exits; so does
 the end of stdin (the harness died). With ``--app`` the process instead serves a FastAPI app
 under uvicorn (the memory scenario's measured node; ``--impl none`` is the bare app).
 
-Every stdout line is one JSON object written with a single ``write()`` (atomic on a pipe, even
-from tooz's threads): ``{"t": <time.monotonic()>, "pid": ..., "ev": ..., "node": ...}``. On
-Linux the monotonic clock is system-wide, so the harness compares ``t`` across processes. Events:
-``armed`` (imports done), ``joined``, ``elected`` (with ``lease_end``: the node's own reading of
-when its leadership ends, ``null`` when the implementation cannot tell), ``lease`` (a renewal:
-the new ``lease_end``), ``demoted``, ``leader`` (the leader this node knows, for implementations
-whose followers know it), ``left``, ``stats``, ``serving``, ``error``.
+Every stdout line is one :mod:`harness.reports` line, written with a single ``write()``
+(atomic on a pipe, even from tooz's threads): ``{"t": <time.monotonic()>, "pid": ..., "ev":
+..., "node": ...}``. On Linux the monotonic clock is system-wide, so the harness compares ``t``
+across processes. Events: ``armed`` (imports done), ``joined``, ``elected`` (with
+``lease_end``: the node's own reading of when its leadership ends, ``null`` when the
+implementation cannot tell), ``lease`` (an acquisition or a renewal: the new ``lease_end``),
+``released`` (ours: the leadership ended, by the election thread), ``demoted``, ``leader`` (the
+leader this node knows, for implementations whose followers know it), ``left``, ``stats``,
+``stalling``, ``unstalled``, ``serving``, ``error``.
 
-Our ``lease`` lines come from a :class:`RedisTransport` subclass: right after an acquire or renew
-returns, a ``call_soon`` callback reads ``LeaderElection.status().lease_expires_at`` (the runtime
-applies the result synchronously first), so every extension of the lease is reported, with the
-end the node itself reads its leadership against (``time.monotonic()`` seconds).
+Ours reports through :class:`harness.reporter.NodeReporter`, an observer of the election's
+public events (:mod:`fastapi_leader.events`): every extension of the lease, with the end the
+node itself reads its leadership against (``time.monotonic()`` seconds), and the broker
+commands it sends, by role.
 """
 
 from __future__ import annotations
@@ -33,40 +38,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import sys
-import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-PID = os.getpid()
+from harness.reports import PID, emit
 
 # The profiles the benchmark compares, by name; flags override single fields.
-PROFILES = ("default", "fast")
+PROFILES = ("default", "fast", "economy")
 
 
 def profile_timings(name: str) -> dict[str, float]:
-    """The timings of a profile: ``default`` is LeaderSettings' own defaults, ``fast`` what
-    ``LeaderSettings.fast()`` uses. Imported only here, so that the bare app and the peers'
-    processes never load this library."""
+    """The timings of a profile: ``default`` is LeaderSettings' own defaults, ``fast`` and
+    ``economy`` what ``LeaderSettings.fast()`` and ``.economy()`` use. Imported only here, so
+    that the bare app and the peers' processes never load this library."""
     from fastapi_leader import LeaderSettings
 
-    return dict(LeaderSettings.FAST_PROFILE) if name == "fast" else {}
-
-
-def emit(ev: str, node: str | None = None, t: float | None = None, **data: Any) -> None:
-    """Write one event line. ``t`` defaults to now (``time.monotonic()``)."""
-    record: dict[str, Any] = {"t": time.monotonic() if t is None else t, "pid": PID, "ev": ev}
-    if node is not None:
-        record["node"] = node
-    record.update(data)
-    line = json.dumps(record, separators=(",", ":")) + "\n"
-    with contextlib.suppress(BrokenPipeError):
-        os.write(1, line.encode())
+    profiles = {"fast": LeaderSettings.FAST_PROFILE, "economy": LeaderSettings.ECONOMY_PROFILE}
+    return dict(profiles.get(name, {}))
 
 
 class BenchNode(Protocol):
@@ -88,45 +81,10 @@ NodeFactory = Callable[[str, str], BenchNode]
 
 
 def our_factory(args: argparse.Namespace) -> NodeFactory:
-    from fastapi_leader import LeaderElection, LeaderSettings, RedisTransport
-    from fastapi_leader.transport import Names
+    from fastapi_leader import LeaderElection, LeaderSettings
+    from harness.reporter import NodeReporter
 
     timings = {**profile_timings(args.profile), **_timing_overrides(args)}
-
-    class ReportingTransport(RedisTransport):
-        """Counts the commands its node sends and reports each lease extension."""
-
-        def __init__(self, node: OurNode, url: str, names: Names, command_timeout: float):
-            super().__init__(url, names, command_timeout=command_timeout)
-            self._node = node
-
-        async def publish(self, data: bytes, to: str | None = None) -> None:
-            self._node.count("publish" if to is None else "publish_to_node")
-            await super().publish(data, to)
-
-        async def allocate_term(self, floor: int) -> int:
-            self._node.count("allocate_term")
-            return await super().allocate_term(floor)
-
-        async def acquire(self, term: int, ttl: float, announce: bytes) -> bool:
-            self._node.count("acquire")
-            acquired = await super().acquire(term, ttl, announce)
-            if acquired:
-                # Read before the runtime applies the answer: a conservative start of validity.
-                returned_at = time.monotonic()
-                asyncio.get_running_loop().call_soon(self._node.report_lease, returned_at)
-            return acquired
-
-        async def renew(self, term: int, ttl: float, announce: bytes) -> bool:
-            self._node.count("renew")
-            renewed = await super().renew(term, ttl, announce)
-            if renewed:
-                asyncio.get_running_loop().call_soon(self._node.report_lease, None)
-            return renewed
-
-        async def release(self, term: int, announce: bytes | None) -> bool:
-            self._node.count("release")
-            return await super().release(term, announce)
 
     class OurNode:
         def __init__(self, group: str, node_id: str) -> None:
@@ -134,42 +92,11 @@ def our_factory(args: argparse.Namespace) -> NodeFactory:
             settings = LeaderSettings(
                 redis_url=args.redis_url, group=group, node_id=node_id, **timings
             )
-            self.commands: Counter[str] = Counter()
-            names = Names(settings.channel_prefix, group, node_id)
-            # The same command timeout as LeaderElection picks for its own RedisTransport.
-            transport = ReportingTransport(self, args.redis_url, names, max(settings.lease, 0.25))
-            self.election = LeaderElection(settings, transport=transport)
-            self.election.on_elected(self._elected)
-            self.election.on_demoted(self._demoted)
-            self.election.on_leader_change(self._leader_changed)
-            self._last_lease_end: float | None = None
-
-        def count(self, kind: str) -> None:
-            role = "leader" if self.election.is_leader else "follower"
-            self.commands[f"{role}:{kind}"] += 1
-
-        def _lease_end(self) -> float | None:
-            return self.election.status().lease_expires_at
-
-        def report_lease(self, acquired_at: float | None) -> None:
-            lease_end = self._lease_end()
-            if lease_end is None:
-                return
-            if acquired_at is not None:
-                emit("lease", self.node_id, t=acquired_at, lease_end=lease_end, acquired=True)
-            elif self._last_lease_end is None or lease_end > self._last_lease_end:
-                emit("lease", self.node_id, lease_end=lease_end)
-            self._last_lease_end = lease_end
-
-        def _elected(self, token: int) -> None:
-            emit("elected", self.node_id, token=token, lease_end=self._lease_end())
-
-        def _demoted(self) -> None:
-            self._last_lease_end = None
-            emit("demoted", self.node_id)
-
-        def _leader_changed(self, leader_id: str | None) -> None:
-            emit("leader", self.node_id, leader=leader_id)
+            # Reports the leases, role and leader, and counts the commands, from the
+            # election's own events: nothing wraps its transport.
+            self.reporter = NodeReporter(node_id)
+            self.election = LeaderElection(settings, observer=self.reporter)
+            self.reporter.attach(self.election)
 
         async def start(self) -> None:
             await self.election.start()
@@ -181,7 +108,8 @@ def our_factory(args: argparse.Namespace) -> NodeFactory:
             status = self.election.status()
             return {
                 "role": "leader" if status.is_leader else "follower",
-                "commands": dict(self.commands),
+                "term": status.term,
+                "commands": self.reporter.commands,
                 "members": len(status.members),
                 "counters": dict(self.election.counters),
             }
@@ -287,6 +215,12 @@ class Host:
         for node in self.nodes:
             emit("stats", node.node_id, **node.stats())
 
+    def stall(self, seconds: float, kind: str) -> None:
+        """Block the event loop we run on (no ``await``): the app's loop, stuck in a route."""
+        from harness.stalls import stall  # the stall of every suite
+
+        stall(seconds, kind)
+
     async def handle(self, line: str) -> None:
         words = line.split()
         if not words:
@@ -306,6 +240,9 @@ class Host:
                 )
             elif command == "stats":
                 self.stats()
+            elif command == "stall":
+                seconds, kind = rest
+                self.stall(float(seconds), kind)
             elif command == "exit":
                 self.exiting.set()
             else:
@@ -415,6 +352,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--redis-url", default=os.environ.get("LEADER_REDIS_URL"), help="default: LEADER_REDIS_URL"
     )
     parser.add_argument("--profile", choices=PROFILES, default="default")
+    parser.add_argument(
+        "--loop-stall-limit",
+        type=float,
+        help="ours: LEADER_LOOP_STALL_LIMIT (s), set in this process's environment, where the "
+        "library reads it (a library without the setting ignores it)",
+    )
     for flag in ("heartbeat", "lease", "timeout-min", "timeout-max", "member-expiry"):
         parser.add_argument(f"--{flag}", type=float, help="ours: override the profile (seconds)")
     parser.add_argument("--tooz-timeout", type=int, default=30, help="tooz: timeout= (whole s)")
@@ -440,6 +383,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.loop_stall_limit is not None:
+        os.environ["LEADER_LOOP_STALL_LIMIT"] = str(args.loop_stall_limit)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     asyncio.run(run_app(args) if args.app else run_nodes(args))
 

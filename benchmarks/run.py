@@ -29,9 +29,34 @@ from typing import Any
 from fastapi_leader.testing import RedisServer
 
 from .harness import IMPLS, REPO, Harness, Impl, Pool, summary
-from .scenarios import ALL_SCENARIOS, SCENARIOS, Cell, Config, Ctx, guard, memory
+from .scenarios import (
+    ALL_SCENARIOS,
+    DUAL_LEASE,
+    SCENARIOS,
+    Cell,
+    Config,
+    Ctx,
+    guard,
+    handover_name,
+    kept_name,
+    memory,
+    stall_limit_default,
+)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results"
+# Issue 10 ("no higher than today's"): the idle cost before the election got a runtime of its
+# own, from the README's Performance table (the full run at commit 4d08662, 2 cores): Redis
+# commands/s of the whole group by group size, and CPU per node at 50 nodes (%).
+IDLE_BEFORE_OWN_RUNTIME = {
+    "ours": {"commands": {3: 47.0, 50: 51.0}, "cpu": {50: 0.45}},
+    "ours-fast": {"commands": {3: 93.0, 50: 100.0}, "cpu": {50: 0.91}},
+}
+# Noise allowed above those: commands are whole (+-1 of ~70 in a 1.5 s window); CPU per node
+# is a few clock ticks per window.
+IDLE_COMMANDS_SLACK = 1.05
+IDLE_CPU_SLACK = 1.15
+# The stall limit the issue gives as the default, for a library that has none yet.
+ISSUE_STALL_LIMIT = 10.0
 # Left out of --quick unless named: most of their trials wait 15 to 60 s for a TTL.
 QUICK_SKIPS = [name for name, impl in IMPLS.items() if impl.slow]
 
@@ -44,9 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="5 trials, short windows, 60 s of churn; skips the slow peers' TTL-bound trials",
+        help="3 trials, short windows, 60 s of churn; skips the slow peers' TTL-bound trials",
     )
-    parser.add_argument("--trials", type=int, help="trials per figure (default 20; --quick 5)")
+    parser.add_argument("--trials", type=int, help="trials per figure (default 20; --quick 3)")
     parser.add_argument("--nodes", type=int, default=3, help="cluster size (default 3)")
     parser.add_argument(
         "--scenarios",
@@ -62,8 +87,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale-nodes", type=int, default=100, help="nodes in the scale group")
     parser.add_argument("--calm", type=float, help="scale: seconds of calm (60; --quick 10)")
     parser.add_argument("--churn", type=float, help="memory: seconds of churn (600; --quick 60)")
+    parser.add_argument("--stall-trials", type=int, help="stall: trials (3; --quick 1)")
+    parser.add_argument(
+        "--stall-lengths",
+        default="0.5,1,2,5,10",
+        help="stall: seconds the leader's app loop is blocked, each length once per kind "
+        "(sleep, spin) and trial (default 0.5,1,2,5,10)",
+    )
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON and the node log"
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when a target is missed or not measured (the report is printed first)",
     )
     args = parser.parse_args(argv)
     args.scenario_list = _choose(parser, args.scenarios, ALL_SCENARIOS, "scenario")
@@ -95,6 +132,8 @@ def make_config(args: argparse.Namespace) -> Config:
         scale_trials=2 if quick and not args.trials else trials,
         calm=args.calm or (10.0 if quick else 60.0),
         churn=args.churn or (60.0 if quick else 600.0),
+        stall_lengths=tuple(float(s) for s in args.stall_lengths.split(",") if s),
+        stall_trials=args.stall_trials or (1 if quick else 3),
     )
 
 
@@ -108,7 +147,7 @@ def _progress(started: float, message: str) -> None:
 # The timing scenarios run one at a time, on an otherwise quiet machine. The cost scenarios
 # measure consumed CPU time, commands and memory, which other load barely moves: they run
 # together, each on its own Redis server, which saves minutes.
-TIMING = ["cold", "crash", "graceful", "join", "pause", "scale"]
+TIMING = ["cold", "crash", "graceful", "join", "pause", "stall", "scale"]
 
 
 class _Lab:
@@ -222,6 +261,8 @@ def _fmt(value: float, unit: str) -> str:
         return "timeout"
     if unit == "count":
         return f"{value:g}"
+    if unit == "kept":
+        return {1.0: "yes", 0.0: "no"}.get(value, f"{value:.2f}")
     if unit in ("x", "ratio"):
         return f"{value:.3f}"
     if unit == "ms":
@@ -241,34 +282,70 @@ def _summaries(cells: list[Cell]) -> dict[tuple[str, str, str], dict[str, float]
     return out
 
 
+# The command-line key of each scenario, by the title its cells carry (a scenario that fails
+# leaves one cell titled by its key, and its targets must still be found).
+_TITLE_KEYS = {
+    "cold start": "cold",
+    "crash failover": "crash",
+    "graceful handover": "graceful",
+    "join": "join",
+    "pause": "pause",
+    "app-loop stall": "stall",
+    "idle cost": "idle",
+    "scale": "scale",
+    "memory": "memory",
+    "guard cost": "guard",
+}
+
+
+def scenario_key(title: str) -> str:
+    """The ``--scenarios`` key a cell's title belongs to (a key is its own key)."""
+    for prefix in sorted(_TITLE_KEYS, key=len, reverse=True):
+        if title.startswith(prefix):
+            return _TITLE_KEYS[prefix]
+    return title
+
+
 def evaluate(cells: list[Cell], cfg: Config) -> list[dict[str, Any]]:
-    """The issue's targets, each met or missed with its figure."""
+    """The issue's targets, each met, missed or not measured, with its figure.
+
+    A target never reads "met" on a partial measurement: a trial that timed out (or was given
+    up on) misses it whatever the other trials say, and a scenario that failed leaves its
+    targets "not measured" rather than absent."""
     s = _summaries(cells)
     present = {cell.impl for cell in cells}
     rows: list[dict[str, Any]] = []
 
     def check(target: str, impl: str, key: tuple[str, str, str], stat: str, ok: Any) -> None:
+        def row(figure: str, met: bool | None) -> None:
+            rows.append({"target": target, "impl": impl, "figure": figure, "met": met})
+
+        failed = [
+            c
+            for c in cells
+            if c.impl in (key[1], "all")
+            and scenario_key(c.scenario) == scenario_key(key[0])
+            and (c.skipped or "").startswith("failed")
+        ]
+        if failed:
+            row(f"scenario {failed[0].skipped}", None)
+            return
         if not any(c.scenario == key[0] and c.impl == key[1] for c in cells):
-            return  # the scenario did not run
+            return  # the scenario was not asked for
         found = s.get(key)
         if found is None:
-            rows.append({"target": target, "impl": impl, "figure": "not measured", "met": None})
+            row("not measured", None)
             return
-        if found[stat] == math.inf:
-            rows.append(
-                {"target": target, "impl": impl, "figure": f"{stat}: timeout", "met": False}
-            )
-            return
-        unit = next(m.unit for c in cells for m in c.metrics if (c.scenario, c.impl, m.name) == key)
+        metrics = [m for c in cells for m in c.metrics if (c.scenario, c.impl, m.name) == key]
+        unit = metrics[0].unit
+        timeouts = sum(m.timeouts for m in metrics)
         value = found[stat]
-        rows.append(
-            {
-                "target": target,
-                "impl": impl,
-                "figure": f"{stat} {_fmt(value, unit)} {unit}",
-                "met": bool(ok(value)),
-            }
-        )
+        figure = "timeout" if value == math.inf else f"{_fmt(value, unit)} {unit}"
+        if timeouts:
+            n = int(found["n"])
+            row(f"{stat} {figure}; {timeouts} of {n} trials timed out", False)
+            return
+        row(f"{stat} {figure}", bool(ok(value)))
 
     for name in ("ours", "ours-fast"):
         if name not in present:
@@ -282,7 +359,8 @@ def evaluate(cells: list[Cell], cfg: Config) -> list[dict[str, Any]]:
             "p95",
             lambda v, limit=limit: v <= limit,
         )
-        absolute = 1000.0 if name == "ours" else 300.0
+        # Issue 10: crash failover p95 stays <= 750 ms at the defaults with a runtime of its own.
+        absolute = 750.0 if name == "ours" else 300.0
         check(
             f"crash failover p95 <= {absolute:.0f} ms",
             name,
@@ -307,10 +385,11 @@ def evaluate(cells: list[Cell], cfg: Config) -> list[dict[str, Any]]:
         check(
             "pause: 0 ms of dual valid lease",
             name,
-            ("pause", name, "dual valid lease (nodes' reports)"),
+            ("pause", name, DUAL_LEASE),
             "max",
             lambda v: v == 0,
         )
+        _stall_targets(rows, cells, cfg, name, check)
         followers = []
         for size in cfg.idle_sizes:
             scenario = f"idle cost, {size} nodes"
@@ -336,6 +415,25 @@ def evaluate(cells: list[Cell], cfg: Config) -> list[dict[str, Any]]:
                     "figure": f"median per follower per heartbeat: {figures}",
                     "met": decreasing,
                 }
+            )
+        before = IDLE_BEFORE_OWN_RUNTIME[name]
+        for size, commands in before["commands"].items():
+            check(
+                f"idle, {size} nodes: Redis commands/s no higher than before the own runtime "
+                f"({commands:g}, +{IDLE_COMMANDS_SLACK - 1:.0%})",
+                name,
+                (f"idle cost, {size} nodes", name, "Redis commands/s (all nodes)"),
+                "median",
+                lambda v, commands=commands: v <= commands * IDLE_COMMANDS_SLACK,
+            )
+        for size, cpu in before["cpu"].items():
+            check(
+                f"idle, {size} nodes: CPU per node no higher than before the own runtime "
+                f"({cpu:g} %, +{IDLE_CPU_SLACK - 1:.0%})",
+                name,
+                (f"idle cost, {size} nodes", name, "CPU per node (mean)"),
+                "median",
+                lambda v, cpu=cpu: v <= cpu * IDLE_CPU_SLACK,
             )
         big = max(cfg.idle_sizes)
         check(
@@ -375,6 +473,25 @@ def evaluate(cells: list[Cell], cfg: Config) -> list[dict[str, Any]]:
             "median",
             lambda v: v < 1,
         )
+    if "ours-economy" in present:
+        # Issue 11: a group of 3 on the economy profile costs at most 2 commands/s, counted as
+        # Redis counts them (a script's own calls included), and fails over within about its
+        # largest election timeout plus a round.
+        check(
+            "idle, 3 nodes: economy profile <= 2 Redis commands/s",
+            "ours-economy",
+            ("idle cost, 3 nodes", "ours-economy", "Redis commands/s (all nodes)"),
+            "median",
+            lambda v: v <= 2.0,
+        )
+        limit = IMPLS["ours-economy"].settle * 1000 + 1000
+        check(
+            f"crash failover p95 <= election_timeout_max + 1 s ({limit:.0f} ms)",
+            "ours-economy",
+            ("crash failover", "ours-economy", "failover, to agreement"),
+            "p95",
+            lambda v, limit=limit: v <= limit,
+        )
     for cell in cells:
         if cell.scenario != "guard cost":
             continue
@@ -388,6 +505,61 @@ def evaluate(cells: list[Cell], cfg: Config) -> list[dict[str, Any]]:
                     lambda v: v >= 0.97,
                 )
     return rows
+
+
+def _stall_targets(
+    rows: list[dict[str, Any]], cells: list[Cell], cfg: Config, name: str, check: Any
+) -> None:
+    """Issue 10's stall targets for one of our rows: every stall below the limit kept (one
+    row for all of them), and beyond a short limit a handover, neither before the limit nor
+    long after it."""
+    cell = next((c for c in cells if c.scenario == "app-loop stall" and c.impl == name), None)
+    if cell is not None and not cell.skipped:
+        limit = stall_limit_default()
+        limit_note = f"{limit:g} s" if limit is not None else f"{ISSUE_STALL_LIMIT:g} s (issue)"
+        below = [s for s in cfg.stall_lengths if s < (limit or ISSUE_STALL_LIMIT)]
+        lost, kept, missing = [], 0, []
+        for seconds in below:
+            for kind in ("sleep", "spin"):
+                metric = next((m for m in cell.metrics if m.name == kept_name(seconds, kind)), None)
+                if metric is None or not metric.samples:
+                    missing.append(f"{seconds:g} s {kind}")
+                elif min(metric.samples) < 1.0 or metric.timeouts:
+                    lost.append(f"{seconds:g} s {kind}")
+                else:
+                    kept += 1
+        figure = f"kept through {kept} of {kept + len(lost)}" + (
+            f"; lost through {', '.join(lost)}" if lost else ""
+        )
+        if missing:
+            figure += f"; not measured: {', '.join(missing)}"
+        rows.append(
+            {
+                "target": f"stall: leadership kept, same term, through app-loop stalls below "
+                f"LEADER_LOOP_STALL_LIMIT ({limit_note}), sleep and spin",
+                "impl": name,
+                "figure": figure,
+                "met": None if kept + len(lost) == 0 else not lost and not missing,
+            }
+        )
+    limit_ms = cfg.stall_limit * 1000
+    for kind in ("sleep", "spin"):
+        key = ("app-loop stall beyond the limit", name, handover_name(cfg, kind))
+        check(
+            f"stall beyond a {cfg.stall_limit:g} s limit ({kind}): no successor before the "
+            "limit (-100 ms)",
+            name,
+            key,
+            "min",
+            lambda v: v >= limit_ms - 100,
+        )
+        check(
+            f"stall beyond a {cfg.stall_limit:g} s limit ({kind}): successor p95 <= limit + 1 s",
+            name,
+            key,
+            "p95",
+            lambda v: v <= limit_ms + 1000,
+        )
 
 
 def render(cells: list[Cell], targets: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -528,4 +700,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(f"raw samples: {out}", file=sys.stderr)
+    unmet = [row for row in targets if row["met"] is not True]
+    if args.strict and unmet:
+        print(f"{len(unmet)} target(s) missed or not measured", file=sys.stderr)
+        return 1
     return 0

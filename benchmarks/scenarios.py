@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -21,6 +22,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from fastapi_leader.testing import RedisServer
+from harness import processes
 
 from .harness import (
     REPO,
@@ -49,6 +51,12 @@ class Config:
     churn: float = 600.0
     max_procs: int = 10
     lanes: int = 5  # parallel clusters for the slow implementations' long trials
+    stall_lengths: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
+    stall_trials: int = 3
+    stall_limit: float = 2.0
+    """The short ``LEADER_LOOP_STALL_LIMIT`` of the stall-beyond-the-limit series (ours)."""
+    stall_beyond: float = 5.0
+    """How long the leader's loop is blocked in that series: well past ``stall_limit``."""
 
 
 @dataclass
@@ -140,10 +148,13 @@ async def _lane(
     primary: tuple[str, str],
     procs: int | None = None,
     per_proc: int = 1,
+    also: tuple[tuple[str, str], ...] = (),
 ) -> None:
     """Run ``trials`` of ``one`` on a cluster of its own. A trial that times out is counted
-    against ``primary`` (as a sample beyond the timeout), with what the nodes said, and the
-    cluster is replaced by a fresh one."""
+    against ``primary`` and every metric of ``also`` (as a sample beyond the timeout: a figure
+    that leaves the failed trials out would look better than the runs it measured), with what
+    the nodes said, and the cluster is replaced by a fresh one. Trials given up on count the
+    same way."""
     procs = procs or ctx.cfg.nodes
     restarts = 0
     cluster = Cluster(ctx.pool, group)
@@ -155,8 +166,10 @@ async def _lane(
             if failed_in_a_row >= 2:
                 cell.notes.append(
                     f"gave up after 2 trials in a row found no stable leader "
-                    f"({trials - trial} of {trials} trials not run)"
+                    f"({trials - trial} of {trials} trials not run, counted as timeouts)"
                 )
+                for metric in (primary, *also):
+                    cell.metric(*metric).timeouts += trials - trial
                 break
             try:
                 if not settled:
@@ -169,6 +182,8 @@ async def _lane(
                 diagnosis = ctx.harness.diagnose(cluster.nodes())
                 diagnosis["totals"] = await _totals(ctx.harness, cluster)
                 cell.fail(primary, str(exc), diagnosis)
+                for metric in also:
+                    cell.metric(*metric).timeouts += 1
                 await _discard(cluster)
                 restarts += 1
                 cluster = Cluster(ctx.pool, f"{group}-r{restarts}")
@@ -409,6 +424,8 @@ async def join(ctx: Ctx) -> list[Cell]:
 
 # ---- pause -------------------------------------------------------------------------------------
 
+DUAL_LEASE = "dual valid lease (nodes' reports)"
+
 
 async def pause(ctx: Ctx) -> list[Cell]:
     """SIGSTOP of the leader for twice the timescale, then SIGCONT; dual leases by the
@@ -452,7 +469,7 @@ async def pause(ctx: Ctx) -> list[Cell]:
         # made was sent before SIGSTOP, so its lease ends by SIGSTOP + lease.
         bound = dual({old: stopped_at + impl.lease}) if impl.lease is not None else None
         cell.add(name, "ms", _ms(agreed_at - stopped_at))
-        cell.add("dual valid lease (nodes' reports)", "ms", _ms(reported))
+        cell.add(DUAL_LEASE, "ms", _ms(reported))
         cell.trials.append(
             {
                 "agreed_ms": _ms(agreed_at - stopped_at),
@@ -469,7 +486,15 @@ async def pause(ctx: Ctx) -> list[Cell]:
         await cluster.start_on([victim], 1)
 
     async def lane(index: int, trials: int) -> None:
-        await _lane(ctx, cell, f"pause-{impl.name}-{index}", trials, one, (name, "ms"))
+        await _lane(
+            ctx,
+            cell,
+            f"pause-{impl.name}-{index}",
+            trials,
+            one,
+            (name, "ms"),
+            also=((DUAL_LEASE, "ms"),),
+        )
 
     _lane_note(cell, await _lanes(ctx, ctx.cfg.trials, lane))
     cell.notes.append(f"paused for {paused_for:g} s (2 x {impl.timescale_name})")
@@ -480,6 +505,150 @@ async def pause(ctx: Ctx) -> list[Cell]:
             "trial ends (the dual figure is bounded by the observation window, not by tooz)"
         )
     return [cell]
+
+
+# ---- app-loop stalls ---------------------------------------------------------------------------
+
+
+def stall_limit_default() -> float | None:
+    """``LEADER_LOOP_STALL_LIMIT``'s default, from the library's settings; None for a library
+    without the setting (it then has no watchdog)."""
+    from fastapi_leader import LeaderSettings
+
+    field = LeaderSettings.model_fields.get("loop_stall_limit")
+    return None if field is None else float(field.default)
+
+
+def kept_name(seconds: float, kind: str) -> str:
+    return f"kept through a {seconds:g} s {kind} stall"
+
+
+def handover_name(cfg: Config, kind: str) -> str:
+    return (
+        f"{kind} stall of {cfg.stall_beyond:g} s, limit {cfg.stall_limit:g} s: "
+        "stall -> successor elected"
+    )
+
+
+async def _leader_term(harness: Harness, cluster: Cluster, node: str) -> int | None:
+    """The highest term ``node`` has seen (ours reports it in ``stats``; None for the peers)."""
+    stats = await _node_stats(harness, cluster)
+    term = stats.get(node, {}).get("term")
+    return None if term is None else int(term)
+
+
+async def _stall_leader(
+    ctx: Ctx, cluster: Cluster, seconds: float, kind: str, watch: float
+) -> dict[str, Any]:
+    """Block the leader's app loop (its process's event loop) for ``seconds``; then watch for
+    ``watch`` seconds more. Returns what happened: ``kept`` (no other node elected, the leader
+    not demoted, and for ours the same term everywhere it reports), and the first successor's
+    election, from the stall's start."""
+    harness = ctx.harness
+    leader, _ = await cluster.agree(stable=False)
+    proc = cluster.proc_of(leader)
+    term = await _leader_term(harness, cluster, leader)
+    mark = len(harness.events)
+    await proc.send(f"stall {seconds:g} {kind}")
+
+    def event(name: str) -> float | None:
+        return next(
+            (e.t for e in harness.events[mark:] if e.ev == name and e.pid == proc.pid), None
+        )
+
+    began = await harness.wait_for(lambda: event("stalling"), 30, "the stall to begin")
+    ended = await harness.wait_for(lambda: event("unstalled"), seconds + 60, "the stall to end")
+    await asyncio.sleep(watch)
+    events = harness.node_events(cluster.all_nodes(), began)
+    successors = [e.t for e in events if e.ev == "elected" and e.node != leader]
+    demoted = any(e.ev == "demoted" and e.node == leader for e in events)
+    term_after = await _leader_term(harness, cluster, leader) if term is not None else None
+    kept = not successors and not demoted and harness.states[leader].leading and term_after == term
+    return {
+        "leader": leader,
+        "seconds": seconds,
+        "kind": kind,
+        "blocked_s": ended - began,
+        "kept": kept,
+        "successor_ms": _ms(successors[0] - began) if successors else None,
+        "demoted": demoted,
+        "term_before": term,
+        "term_after": term_after,
+    }
+
+
+async def stall(ctx: Ctx) -> list[Cell]:
+    """The leader's app loop blocked (``time.sleep`` or a pure-Python spin) for each length in
+    ``cfg.stall_lengths``: is the leadership kept, in the same term? For ours, also a series
+    with a short ``LEADER_LOOP_STALL_LIMIT`` and stalls well past it: how long until the
+    watchdog has handed over? Every stall is one command to the node process, whose nodes
+    live on the loop it blocks (the peers' threads, if they have any, keep running)."""
+    impl, harness, cfg = ctx.impl, ctx.harness, ctx.cfg
+    cell = Cell("app-loop stall", impl.name)
+    watch = max(1.0, impl.settle)
+    kinds = ("sleep", "spin")
+
+    async def kept_trial(cluster: Cluster) -> None:
+        for kind in kinds:
+            for seconds in cfg.stall_lengths:
+                result = await _stall_leader(ctx, cluster, seconds, kind, watch)
+                cell.add(kept_name(seconds, kind), "kept", 1.0 if result["kept"] else 0.0)
+                if result["successor_ms"] is not None:
+                    name = f"{seconds:g} s {kind} stall: stall -> successor elected"
+                    cell.add(name, "ms", result["successor_ms"])
+                cell.trials.append(result)
+                if not result["kept"]:
+                    await cluster.agree()  # a stable leader again before the next stall
+
+    primary = (kept_name(cfg.stall_lengths[0], kinds[0]), "kept")
+    await _lane(ctx, cell, f"stall-{impl.name}", cfg.stall_trials, kept_trial, primary)
+    limit = stall_limit_default() if impl.kind == "ours" else None
+    cell.notes.append(
+        f"each stall blocks the leader process's event loop; then {watch:g} s of watching; "
+        "kept = no other node elected, the leader not demoted"
+        + (", the same term" if impl.kind == "ours" else "")
+        + (
+            f"; LEADER_LOOP_STALL_LIMIT {limit:g} s (default)"
+            if limit is not None
+            else "; no stall limit in this implementation (or library version)"
+        )
+    )
+    if impl.kind != "ours":
+        return [cell]
+
+    beyond = Cell("app-loop stall beyond the limit", impl.name)
+    limited = dataclasses.replace(
+        impl,
+        name=f"{impl.name}, limit {cfg.stall_limit:g} s",
+        args=(*impl.args, "--loop-stall-limit", str(cfg.stall_limit)),
+    )
+    pool = Pool(harness, limited, ctx.url)
+    limited_ctx = dataclasses.replace(ctx, impl=limited, pool=pool)
+
+    async def beyond_trial(cluster: Cluster) -> None:
+        for kind in kinds:
+            result = await _stall_leader(limited_ctx, cluster, cfg.stall_beyond, kind, watch)
+            metric = beyond.metric(handover_name(cfg, kind), "ms")
+            if result["successor_ms"] is None:
+                metric.timeouts += 1  # never handed over: "timeout" in the table
+            else:
+                metric.samples.append(result["successor_ms"])
+            beyond.trials.append(result)
+            await cluster.agree()
+
+    try:
+        primary = (handover_name(cfg, kinds[0]), "ms")
+        group = f"stall-beyond-{impl.name}"
+        await _lane(limited_ctx, beyond, group, cfg.stall_trials, beyond_trial, primary)
+    finally:
+        await pool.close()
+    beyond.notes.append(
+        f"LEADER_LOOP_STALL_LIMIT={cfg.stall_limit:g} in the nodes' environment; the leader's "
+        f"loop blocked {cfg.stall_beyond:g} s; 'timeout': no successor elected during the "
+        f"stall and the {watch:g} s after"
+        + ("" if limit is not None else "; this library has no such setting (it is ignored)")
+    )
+    return [cell, beyond]
 
 
 # ---- idle cost ---------------------------------------------------------------------------------
@@ -782,24 +951,28 @@ async def guard(cfg: Config, server: RedisServer) -> list[Cell]:
     separate process (``benchmarks/guard.py``)."""
     cell = Cell("guard cost", "ours")
     rounds = 5 if cfg.quick else 20
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "benchmarks.guard",
-        "--redis-url",
-        server.url,
-        "--rounds",
-        str(rounds),
-        stdout=asyncio.subprocess.PIPE,
+    process = await processes.spawn(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.guard",
+            "--redis-url",
+            server.url,
+            "--rounds",
+            str(rounds),
+        ],
+        env=processes.clean_env(),
         cwd=REPO,
-        start_new_session=True,
+        stderr=None,
+        stdin=None,
     )
     try:
         out, _ = await asyncio.wait_for(process.communicate(), 600)
     finally:
         if process.returncode is None:
-            process.kill()
+            processes.kill_group(process.pid)
             await process.wait()
+        processes.forget(process.pid)
     try:
         result = json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -821,6 +994,7 @@ SCENARIOS: dict[str, Scenario] = {
     "graceful": graceful,
     "join": join,
     "pause": pause,
+    "stall": stall,
     "idle": idle,
     "scale": scale,
 }

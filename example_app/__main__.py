@@ -5,9 +5,12 @@
 Starts ``--nodes`` uvicorn processes of ``example_app.main:app`` on consecutive ports from
 ``--port``, each with its own ``LEADER_NODE_ID`` (``node-<port>``) and ``LEADER_ADVERTISE_URL``
 and one shared ``LEADER_GROUP`` (``example`` unless set). They use ``LEADER_REDIS_URL`` if set,
-else a throw-away Redis-protocol server started here. Prints each node's URL, then one line per
-leadership change, with the command that kills the leader. Ctrl-C (or SIGTERM) stops every
-process it started: the nodes first, so that the leader hands over, then Redis.
+else a throw-away Redis-protocol server started here. Prints each node's URL and the
+dashboard's, then one line per leadership change, with the command that kills the leader, and
+one line when a node exits or Redis goes (never a traceback: a node killed mid-answer is a
+node that did not answer; see :mod:`example_app.narration` for the sentences). Ctrl-C (or
+SIGTERM) stops every process it started: the nodes first, so that the leader hands over, then
+Redis.
 
 Nothing but the standard library (and ``fastapi_leader``) runs here: the nodes are watched by
 polling their ``GET /leader`` with ``urllib``.
@@ -16,6 +19,7 @@ polling their ``GET /leader`` with ``urllib``.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import signal
@@ -33,12 +37,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
 from redis import Redis
 from redis.exceptions import RedisError
 
-from fastapi_leader import LeaderSettings
+from fastapi_leader import LeaderSettings, SettingsError
 from fastapi_leader.testing import RedisServer
+
+from .narration import Narrator, describe_exit
 
 HOST = "127.0.0.1"
 # The directory holding example_app: the nodes import it from there, wherever we run from.
@@ -79,12 +84,21 @@ class Node:
 
     def view(self) -> dict[str, Any] | None:
         """The node's ``GET /leader``, or None if it does not answer."""
-        try:
-            with _http.open(f"{self.url}/leader", timeout=HTTP_TIMEOUT) as response:
-                view: dict[str, Any] = json.load(response)
-                return view
-        except (OSError, ValueError):  # refused, timed out, HTTP error, not JSON
-            return None
+        return read_view(self.url)
+
+
+def read_view(url: str) -> dict[str, Any] | None:
+    """``GET {url}/leader`` as a dict, or None if the node does not answer it whole."""
+    try:
+        with _http.open(f"{url}/leader", timeout=HTTP_TIMEOUT) as response:
+            view: Any = json.load(response)
+    except (OSError, ValueError, http.client.HTTPException):
+        # Refused, reset, timed out, an HTTP error, not JSON, or a node that died while it
+        # answered (IncompleteRead, RemoteDisconnected): the very step the demo invites.
+        return None
+    if not isinstance(view, dict) or not isinstance(view.get("node_id"), str):
+        return None
+    return view
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         _wait_until_ready(nodes, stop)
         if not stop.is_set():
             _say_how_to_play(nodes)
-            _watch(nodes, stop)
+            _watch(nodes, stop, redis_server, redis_url)
         return 0
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -168,11 +182,8 @@ def _read_settings() -> LeaderSettings:
     (but for the node id and URL, which we set), checked before any node starts."""
     try:
         settings = LeaderSettings()
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        field = "_".join(str(part) for part in error["loc"]).upper() or "*"
-        message = error["msg"].removeprefix("Value error, ")
-        raise DemoError(f"invalid LEADER_{field} setting: {message}") from None
+    except SettingsError as exc:  # its first line names the variable, the value and the rule
+        raise DemoError(f"invalid setting: {str(exc).splitlines()[0]}") from None
     if settings.redis_url.startswith("memory://"):
         raise DemoError("LEADER_REDIS_URL=memory:// works within one process; the demo needs Redis")
     return settings
@@ -241,7 +252,7 @@ def _wait_until_ready(nodes: list[Node], stop: threading.Event) -> None:
             code = node.process.poll()
             if code is not None:
                 node.exit_reported = True
-                raise DemoError(f"{node.node_id} {_describe_exit(code)} while starting")
+                raise DemoError(f"{node.node_id} {describe_exit(code)} while starting")
             if node.view() is not None:
                 waiting.remove(node)
         if waiting and time.monotonic() > deadline:
@@ -255,46 +266,38 @@ def _say_how_to_play(nodes: list[Node]) -> None:
     _say("")
     _say(f"send events:  curl -X POST {first}/events -d '{{\"hello\": 1}}'")
     _say(f"watch work:   curl {last}/stats    (every node: /leader, /stats)")
+    _say(f"dashboard:    {first}/dashboard    (a live page of the cluster, in a browser)")
     _say("stop:         Ctrl-C")
     _say("")
 
 
-def _watch(nodes: list[Node], stop: threading.Event) -> None:
-    """Print a line whenever the set of nodes that say they lead changes, until stopped."""
-    pids = {node.node_id: node.process.pid for node in nodes}
-    leaders: list[str] | None = None  # None: not looked yet
-    leaderless_since: float | None = None
+def _watch(
+    nodes: list[Node], stop: threading.Event, redis_server: RedisServer | None, redis_url: str
+) -> None:
+    """Print a line whenever the set of nodes that say they lead changes, a process exits, or
+    the nodes lose or regain Redis, until stopped."""
+    narrator = Narrator(
+        {node.node_id: node.process.pid for node in nodes},
+        LeaderSettings(redis_url=redis_url).redis_url_redacted,
+        None if redis_server is None else redis_server.pid,
+    )
+    redis_exit_reported = False
     while not stop.is_set():
         for node in nodes:
             code = node.process.poll()
             if code is not None and not node.exit_reported:
                 node.exit_reported = True
-                _say(f"{_now()} {node.node_id} (pid {node.process.pid}) {_describe_exit(code)}")
+                _say(f"{_now()} {narrator.node_exited(node.node_id, code)}")
+        if redis_server is not None and not redis_exit_reported and not redis_server.is_running:
+            redis_exit_reported = True
+            code = redis_server.process.poll() if redis_server.process else None
+            _say(f"{_now()} {narrator.redis_exited(code)}")
         live = [node for node in nodes if node.process.poll() is None]
         if not live:
             raise DemoError("every node has exited")
         views = [view for view in (node.view() for node in live) if view is not None]
-        current = sorted(view["node_id"] for view in views if view.get("is_leader"))
-        if current != leaders:
-            now = time.monotonic()
-            if len(current) == 1:
-                leader = current[0]
-                term = next(view["term"] for view in views if view["node_id"] == leader)
-                gap = ""
-                if leaderless_since is not None:
-                    gap = f" after {now - leaderless_since:.2f} s without one"
-                pid = pids.get(leader)
-                _say(
-                    f"{_now()} leader is {leader} (term {term}, pid {pid}){gap}; "
-                    f"watch failover: kill -9 {pid}"
-                )
-                leaderless_since = None
-            elif not current:
-                leaderless_since = now if leaderless_since is None else leaderless_since
-                _say(f"{_now()} no leader" + (" yet" if leaders is None else ""))
-            else:  # the election promises this never happens
-                _say(f"{_now()} several nodes say they lead: {', '.join(current)}")
-            leaders = current
+        for line in narrator.saw(views, time.monotonic()):
+            _say(f"{_now()} {line}")
         stop.wait(POLL_INTERVAL)
 
 
@@ -323,12 +326,6 @@ def _signals_ignored() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        return f"was killed by {signal.Signals(-code).name}"
-    return f"exited with code {code}"
 
 
 def _now() -> str:

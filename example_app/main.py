@@ -15,6 +15,10 @@ Run one node with ``uvicorn example_app.main:app --port 8000``, or a local clust
 - ``POST /admin/move``: move a batch now. Leader only: a follower answers 503 and names the
   leader (``X-Leader-Id``, ``X-Leader-Url``).
 - ``GET /leader``: this node's view of the election.
+- ``GET /metrics``: Prometheus metrics, when the ``[prometheus]`` extra is installed (under
+  ``uvicorn --workers N``, set ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory).
+- ``GET /livez``, ``GET /readyz``: health probes for an orchestrator.
+- ``GET /dashboard``: a live page of the cluster (see :mod:`example_app.dashboard`).
 
 Configuration is read from the environment only: ``LEADER_*`` for the election (see
 :class:`fastapi_leader.LeaderSettings`: ``LEADER_REDIS_URL``, ``LEADER_GROUP``,
@@ -44,9 +48,11 @@ from fastapi_leader import (
     StaleToken,
     leader_lifespan,
     leader_router,
+    probe_router,
     require_leader,
 )
 
+from .dashboard import LeadershipTimeline, dashboard_router
 from .work import EventQueues, ExampleSettings, cancel_and_wait
 
 log = logging.getLogger("example_app")
@@ -89,6 +95,18 @@ app = FastAPI(
     lifespan=leader_lifespan(election, lifespan=workers),
 )
 app.include_router(leader_router())
+app.include_router(probe_router())
+timeline = LeadershipTimeline()
+election.add_observer(timeline)
+app.include_router(dashboard_router(election, timeline, queues.census))
+
+try:
+    from fastapi_leader.prometheus import PrometheusObserver, metrics_router
+except ImportError:  # the [prometheus] extra is not installed: no /metrics
+    pass
+else:
+    election.add_observer(PrometheusObserver())
+    app.include_router(metrics_router())
 
 
 @app.exception_handler(RedisError)

@@ -290,11 +290,15 @@ class EventQueues:
         its processing list holds (from an earlier life of this node id, or a reply lost with
         the connection) goes back to the queue first."""
         hand_back = True  # this node may hold events from before
+        failing = False  # in an outage: said once, not at every retry
         while True:
             try:
                 if hand_back:
                     await self._hand_back()
                     hand_back = False
+                if failing:
+                    failing = False
+                    log.warning("working on the queue again: Redis answers")
                 taken = await self.redis.blmove(
                     self.work_key, self.processing_key(self.node_id), _POLL_SECONDS, "RIGHT", "LEFT"
                 )
@@ -303,7 +307,11 @@ class EventQueues:
                 await asyncio.sleep(work_seconds)  # the "processing"
                 await self._record(str(taken))
             except RedisError as exc:  # unreachable, timed out, loading, read-only ...
-                log.warning("cannot work on the queue: %s", exc)
+                if not failing:
+                    failing = True
+                    log.warning(
+                        "cannot work on the queue: %s; retrying every %g s", exc, _RETRY_SECONDS
+                    )
                 hand_back = True
                 await asyncio.sleep(_RETRY_SECONDS)
 
