@@ -17,5 +17,8 @@ idea:
 - :mod:`harness.stalls`: blocking a node's event loop on purpose, as apps do (``sleep``,
   ``spin``);
 - :mod:`harness.leases`: the reconstruction of leaderships, terms and lease overlaps (dual
-  leases) from the reports, pure functions.
+  leases) from the reports, pure functions;
+- :mod:`harness.topologies`: Redis Cluster (3 primaries, 3 replicas) and Sentinel (a primary,
+  a replica, 3 sentinels) started on free ports, and their failovers, for the tests, the chaos
+  suite and the benchmarks.
 """

@@ -22,9 +22,9 @@ from redis.asyncio import Redis
 from fastapi_leader import LeaderElection, LeaderSettings
 from fastapi_leader.transport import BrokerUnavailable
 from fastapi_leader.transport.redis import _version, acl_rule
+from harness.topologies import _SentinelProcess, wait_until
 from tests.conftest import MakeRedisServer
 from tests.helpers.cluster import Cluster, eventually
-from tests.helpers.topologies import _SentinelProcess, wait_until
 
 START_BOUND = 5.0  # the promise: a clear error within 5 s of start()
 

@@ -20,8 +20,8 @@ import redis
 from fastapi_leader import LeaderSettings
 from fastapi_leader.transport.base import Names
 from fastapi_leader.transport.redis import acl_rule
+from harness.topologies import FAILOVER_TIMEOUT, ClusterTopology
 from tests.helpers.cluster import WAIT, Cluster, eventually
-from tests.helpers.topologies import FAILOVER_TIMEOUT, ClusterTopology
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from fastapi_leader.transport.base import Names
+from harness.topologies import FAILOVER_TIMEOUT, SentinelTopology
 from tests.helpers.cluster import WAIT, Cluster, eventually
-from tests.helpers.topologies import FAILOVER_TIMEOUT, SentinelTopology
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

@@ -18,6 +18,7 @@ that fails half-way stops what it had started before raising.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import signal
 import subprocess
@@ -29,7 +30,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import redis
-from redis.cluster import key_slot
+from redis.crc import key_slot
 from typing_extensions import Self
 
 from fastapi_leader.testing import RedisServer
@@ -43,15 +44,16 @@ SERVICE = "main"
 _T = TypeVar("_T")
 
 
-def wait_until(condition: Callable[[], _T], timeout: float, what: str) -> _T:
+def wait_until(condition: Callable[[], _T | None], timeout: float, what: str) -> _T:
     """Poll ``condition`` every 50 ms (errors count as "not yet") until it is truthy."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while True:
+        value: _T | None
         try:
             value = condition()
         except (redis.RedisError, OSError) as exc:
-            last_error, value = exc, None  # type: ignore[assignment]
+            last_error, value = exc, None
         if value:
             return value
         if time.monotonic() >= deadline:
@@ -151,13 +153,15 @@ class ClusterTopology(_Topology):
             # A replica can only follow a primary it knows of.
             with _admin(replica.port) as admin:
                 wait_until(
-                    lambda a=admin, n=node_id: n.encode() in a.execute_command("CLUSTER", "NODES"),
+                    functools.partial(_knows, replica.port, node_id),
                     SETUP_TIMEOUT,
                     "the replica to learn of its primary",
                 )
                 admin.execute_command("CLUSTER", "REPLICATE", node_id)
         for server in self.servers:
-            wait_until(lambda s=server: self._healthy(s), SETUP_TIMEOUT, "the cluster to form")
+            wait_until(
+                functools.partial(self._healthy, server), SETUP_TIMEOUT, "the cluster to form"
+            )
 
     def _healthy(self, server: RedisServer) -> bool:
         with _admin(server.port) as admin:
@@ -205,6 +209,12 @@ class ClusterTopology(_Topology):
             return primary if role == b"master" else None
 
         return wait_until(promoted, FAILOVER_TIMEOUT, "a replica to take over the slot")
+
+
+def _knows(port: int, node_id: str) -> bool:
+    """Whether the node on ``port`` has ``node_id`` in its cluster table."""
+    with _admin(port) as admin:
+        return node_id.encode() in admin.execute_command("CLUSTER", "NODES")
 
 
 class _SentinelProcess:
@@ -302,7 +312,9 @@ class SentinelTopology(_Topology):
             self.sentinels.append(process)
         # Each sentinel must know the replica and its peers before a failover can be agreed.
         for sentinel in self.sentinels:
-            wait_until(lambda s=sentinel: self._ready(s), SETUP_TIMEOUT, "the sentinels to meet")
+            wait_until(
+                functools.partial(self._ready, sentinel), SETUP_TIMEOUT, "the sentinels to meet"
+            )
 
     def _ready(self, sentinel: _SentinelProcess) -> bool:
         with _admin(sentinel.port, sentinel.password) as admin:
