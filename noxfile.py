@@ -220,9 +220,10 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks with real processes (`uvx nox -s bench -- --quick`, ~5 min; without --quick
-    the full run takes about 100 minutes on 2 cores): prints a markdown report, writes JSON to
-    benchmarks/results/."""
+    """Benchmarks with real processes (`uvx nox -s bench -- --quick`, ~10 min; without --quick
+    the full run takes about 120 minutes on 2 cores): prints a markdown report, writes JSON to
+    benchmarks/results/. `-- --scenarios topology` runs only the primary failovers on Sentinel
+    and Cluster (~4 min for `--impls ours,ours-fast`; benchmarks/README.md)."""
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks", *session.posargs)
 

@@ -73,6 +73,8 @@ class Impl:
     """How long a cluster must stay unchanged after it agrees before the agreement counts."""
     knows_leader: bool
     """Whether followers can name the leader (tooz's Redis driver cannot)."""
+    timeout_max: float | None = None
+    """Ours: the largest election timeout, in seconds (None for the others)."""
     slow: bool = False
     """Trials that wait for the timescale take tens of seconds: skipped in --quick, run in
     parallel lanes in the full run."""
@@ -118,6 +120,7 @@ def _ours(name: str, profile: str, title: str, *, slow: bool = False) -> Impl:
         # have stood by then.
         settle=round(tmax + 0.05, 3),
         knows_leader=True,
+        timeout_max=tmax,
         slow=slow,
     )
 

@@ -25,7 +25,9 @@ across processes. Events: ``armed`` (imports done), ``joined``, ``elected`` (wit
 implementation cannot tell), ``lease`` (an acquisition or a renewal: the new ``lease_end``),
 ``released`` (ours: the leadership ended, by the election thread), ``demoted``, ``leader`` (the
 leader this node knows, for implementations whose followers know it), ``left``, ``stats``,
-``stalling``, ``unstalled``, ``serving``, ``error``.
+``stalling``, ``unstalled``, ``serving``, ``error``; with ``--timeline`` (ours) also
+``connection`` (``state``: ``lost`` or ``restored``, the subscription), ``stood`` and
+``stood_end`` (a candidacy, with ``won``).
 
 Ours reports through :class:`harness.reporter.NodeReporter`, an observer of the election's
 public events (:mod:`fastapi_leader.events`): every extension of the lease, with the end the
@@ -80,11 +82,40 @@ NodeFactory = Callable[[str, str], BenchNode]
 # ---- ours --------------------------------------------------------------------------------------
 
 
+def _timeline_observer(node_id: str) -> Any:
+    """``--timeline``: an observer that also reports the subscription breaking and coming back
+    (``connection``, ``state`` lost or restored) and each candidacy (``stood``, ``stood_end``):
+    where a failover's time goes (the topology scenario)."""
+    from fastapi_leader.events import (
+        ConnectionLost,
+        ConnectionRestored,
+        ElectionEnd,
+        ElectionObserver,
+        ElectionStart,
+    )
+
+    class Timeline(ElectionObserver):
+        def connection_lost(self, event: ConnectionLost) -> None:
+            emit("connection", node_id, t=event.at, state="lost")
+
+        def connection_restored(self, event: ConnectionRestored) -> None:
+            emit("connection", node_id, t=event.at, state="restored", down_for=event.down_for)
+
+        def election_started(self, event: ElectionStart) -> None:
+            emit("stood", node_id, t=event.at, term=event.term, cause=event.cause.value)
+
+        def election_ended(self, event: ElectionEnd) -> None:
+            emit("stood_end", node_id, t=event.at, term=event.term, won=event.won)
+
+    return Timeline()
+
+
 def our_factory(args: argparse.Namespace) -> NodeFactory:
     from fastapi_leader import LeaderElection, LeaderSettings
     from harness.reporter import NodeReporter
 
     timings = {**profile_timings(args.profile), **_timing_overrides(args)}
+    timeline = args.timeline
 
     class OurNode:
         def __init__(self, group: str, node_id: str) -> None:
@@ -97,6 +128,8 @@ def our_factory(args: argparse.Namespace) -> NodeFactory:
             self.reporter = NodeReporter(node_id)
             self.election = LeaderElection(settings, observer=self.reporter)
             self.reporter.attach(self.election)
+            if timeline:
+                self.election.add_observer(_timeline_observer(node_id))
 
         async def start(self) -> None:
             await self.election.start()
@@ -367,6 +400,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ttl", type=float, default=15.0, help="leaselock: PX of the key (s)")
     parser.add_argument("--renew", type=float, default=10.0, help="leaselock: renew period (s)")
     parser.add_argument("--retry", type=float, default=2.0, help="leaselock: retry period (s)")
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="ours: also report the subscription's losses and returns and each candidacy",
+    )
     parser.add_argument("--app", action="store_true", help="serve a FastAPI app (one node)")
     parser.add_argument(
         "--with-redis", action="store_true", help="--app: also open a redis-py client"

@@ -30,7 +30,6 @@ from fastapi_leader.testing import RedisServer
 
 from .harness import IMPLS, REPO, Harness, Impl, Pool, summary
 from .scenarios import (
-    ALL_SCENARIOS,
     DUAL_LEASE,
     SCENARIOS,
     Cell,
@@ -42,6 +41,8 @@ from .scenarios import (
     memory,
     stall_limit_default,
 )
+from .topology import AFTER_PROMOTION, KINDS, TOKEN, topology
+from .topology import title as topology_title
 
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 # Issue 10 ("no higher than today's"): the idle cost before the election got a runtime of its
@@ -59,6 +60,11 @@ IDLE_CPU_SLACK = 1.15
 ISSUE_STALL_LIMIT = 10.0
 # Left out of --quick unless named: most of their trials wait 15 to 60 s for a TTL.
 QUICK_SKIPS = [name for name, impl in IMPLS.items() if impl.slow]
+# Every scenario run per implementation, in the order of --scenarios' help; "topology" runs
+# for our rows only (the peers have no Sentinel or Cluster URL to give).
+PER_IMPL = {**SCENARIOS, "topology": topology}
+OURS_ONLY = {"topology"}
+CHOICES = [*PER_IMPL, "memory", "guard"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=3, help="cluster size (default 3)")
     parser.add_argument(
         "--scenarios",
-        default=",".join(ALL_SCENARIOS),
-        help=f"comma-separated, from {','.join(ALL_SCENARIOS)} (default: all)",
+        default=",".join(CHOICES),
+        help=f"comma-separated, from {','.join(CHOICES)} (default: all)",
     )
     parser.add_argument(
         "--impls",
@@ -95,6 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(sleep, spin) and trial (default 0.5,1,2,5,10)",
     )
     parser.add_argument(
+        "--topology-trials",
+        type=int,
+        help="topology: primary failovers per topology, Sentinel and Cluster (5; --quick 3)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON and the node log"
     )
     parser.add_argument(
@@ -103,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="exit 1 when a target is missed or not measured (the report is printed first)",
     )
     args = parser.parse_args(argv)
-    args.scenario_list = _choose(parser, args.scenarios, ALL_SCENARIOS, "scenario")
+    args.scenario_list = _choose(parser, args.scenarios, CHOICES, "scenario")
     if args.impls is None:
         args.impls = ",".join(i for i in IMPLS if not (args.quick and i in QUICK_SKIPS))
     args.impl_list = _choose(parser, args.impls, list(IMPLS), "implementation")
@@ -134,6 +145,7 @@ def make_config(args: argparse.Namespace) -> Config:
         churn=args.churn or (60.0 if quick else 600.0),
         stall_lengths=tuple(float(s) for s in args.stall_lengths.split(",") if s),
         stall_trials=args.stall_trials or (1 if quick else 3),
+        topology_trials=args.topology_trials or (3 if quick else 5),
     )
 
 
@@ -147,7 +159,7 @@ def _progress(started: float, message: str) -> None:
 # The timing scenarios run one at a time, on an otherwise quiet machine. The cost scenarios
 # measure consumed CPU time, commands and memory, which other load barely moves: they run
 # together, each on its own Redis server, which saves minutes.
-TIMING = ["cold", "crash", "graceful", "join", "pause", "stall", "scale"]
+TIMING = ["cold", "crash", "graceful", "join", "pause", "stall", "scale", "topology"]
 
 
 class _Lab:
@@ -194,8 +206,11 @@ async def run(args: argparse.Namespace, cfg: Config, log_path: Path) -> list[Cel
     async def scenarios(impl: Impl, names: list[str]) -> list[Cell]:
         out: list[Cell] = []
         for name in names:
-            out += await _one(harness, cfg, impl, lab, name, started)
-            if out[-1].skipped and out[-1].skipped.startswith("failed"):
+            if name in OURS_ONLY and impl.kind != "ours":
+                continue
+            cells = await _one(harness, cfg, impl, lab, name, started)
+            out += cells
+            if cells and cells[-1].skipped and cells[-1].skipped.startswith("failed"):
                 await lab.renew(impl)
         return out
 
@@ -237,7 +252,7 @@ async def _one(
     _progress(started, f"{impl.name}: {name}")
     began = time.monotonic()
     ctx = Ctx(harness, cfg, impl, lab.server(impl), lab.pool(impl))
-    cells = await _guarded(name, impl.name, SCENARIOS[name](ctx))
+    cells = await _guarded(name, impl.name, PER_IMPL[name](ctx))
     for cell in cells:
         cell.seconds = time.monotonic() - began
     return cells
@@ -295,6 +310,7 @@ _TITLE_KEYS = {
     "scale": "scale",
     "memory": "memory",
     "guard cost": "guard",
+    "topology failover": "topology",
 }
 
 
@@ -320,11 +336,13 @@ def evaluate(cells: list[Cell], cfg: Config) -> list[dict[str, Any]]:
         def row(figure: str, met: bool | None) -> None:
             rows.append({"target": target, "impl": impl, "figure": figure, "met": met})
 
+        # The cell of this figure failed, or the whole scenario did (its one cell is titled by
+        # its key); another cell of the same scenario failing leaves this one measured.
         failed = [
             c
             for c in cells
             if c.impl in (key[1], "all")
-            and scenario_key(c.scenario) == scenario_key(key[0])
+            and c.scenario in (key[0], scenario_key(key[0]))
             and (c.skipped or "").startswith("failed")
         ]
         if failed:
@@ -473,6 +491,8 @@ def evaluate(cells: list[Cell], cfg: Config) -> list[dict[str, Any]]:
             "median",
             lambda v: v < 1,
         )
+    for name in (n for n in IMPLS if IMPLS[n].kind == "ours" and n in present):
+        _topology_targets(IMPLS[name], check)
     if "ours-economy" in present:
         # Issue 11: a group of 3 on the economy profile costs at most 2 commands/s, counted as
         # Redis counts them (a script's own calls included), and fails over within about its
@@ -505,6 +525,31 @@ def evaluate(cells: list[Cell], cfg: Config) -> list[dict[str, Any]]:
                     lambda v: v >= 0.97,
                 )
     return rows
+
+
+def _topology_targets(impl: Impl, check: Any) -> None:
+    """Issue 11: after the primary dies, a new leader within the topology's own failover time
+    plus one election timeout (the time from the promotion to the new lease, against the
+    largest election timeout), with a larger fencing token."""
+    assert impl.timeout_max is not None
+    limit = impl.timeout_max * 1000
+    for kind in KINDS:
+        scenario = topology_title(kind)
+        check(
+            f"{kind}: primary killed -> new leader within Redis's promotion + one election "
+            f"timeout (promoted -> new leader p95 <= election_timeout_max, {limit:.0f} ms)",
+            impl.name,
+            (scenario, impl.name, AFTER_PROMOTION),
+            "p95",
+            lambda v, limit=limit: v <= limit,
+        )
+        check(
+            f"{kind}: primary killed -> the new leader's fencing token is larger",
+            impl.name,
+            (scenario, impl.name, TOKEN),
+            "min",
+            lambda v: v >= 1,
+        )
 
 
 def _stall_targets(

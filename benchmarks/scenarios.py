@@ -57,6 +57,8 @@ class Config:
     """The short ``LEADER_LOOP_STALL_LIMIT`` of the stall-beyond-the-limit series (ours)."""
     stall_beyond: float = 5.0
     """How long the leader's loop is blocked in that series: well past ``stall_limit``."""
+    topology_trials: int = 5
+    """Primary failovers per topology (Sentinel, Cluster): each builds a topology afresh."""
 
 
 @dataclass
@@ -998,5 +1000,5 @@ SCENARIOS: dict[str, Scenario] = {
     "idle": idle,
     "scale": scale,
 }
-"""Per-implementation scenarios, in run order; ``memory`` and ``guard`` run once at the end."""
-ALL_SCENARIOS = [*SCENARIOS, "memory", "guard"]
+"""Per-implementation scenarios, in run order; ``memory`` and ``guard`` run once at the end,
+and ``topology`` (``benchmarks.topology``, built on these cells) is added by ``run.py``."""

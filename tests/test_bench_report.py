@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 
-from benchmarks.harness import overlap, summary
+from benchmarks import topology
+from benchmarks.harness import IMPLS, Event, overlap, summary
 from benchmarks.run import evaluate, make_config, parse_args, scenario_key
 from benchmarks.scenarios import DUAL_LEASE, Cell
+from benchmarks.topology import KINDS
 
 CRASH = "failover, to agreement"
 
@@ -110,3 +112,83 @@ def test_quick_runs_the_trials_its_help_says(capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     assert "3 trials" in " ".join(capsys.readouterr().out.split())
+
+
+# ---- topology failover (issue 11) --------------------------------------------------------------
+
+
+def topology_cell(kind: str, after_promotion: list[float], growth: list[float]) -> Cell:
+    cell = Cell(topology.title(kind), "ours")
+    cell.add_all(topology.AFTER_PROMOTION, "ms", after_promotion)
+    cell.add_all(topology.TOKEN, "count", growth)
+    return cell
+
+
+def topology_rows(cells: list[Cell], kind: str | None = None) -> list[dict[str, Any]]:
+    """The topology targets, of one kind (Sentinel, Cluster) or of all."""
+    cfg = make_config(parse_args(["--scenarios", "topology", "--impls", "ours"]))
+    rows = evaluate(cells, cfg)
+    return [
+        r for r in rows if ": primary killed" in r["target"] and r["target"].startswith(kind or "")
+    ]
+
+
+def test_the_new_leader_is_the_first_lease_taken_after_the_kill_by_a_node_of_the_group() -> None:
+    nodes = {"a", "b"}
+    events = [
+        Event(1.0, "lease", 1, "a", {"term": 3, "acquired": True}),  # before the kill
+        Event(2.5, "lease", 1, "a", {"term": 3}),  # a renewal, not a leadership
+        Event(3.0, "lease", 3, "c", {"term": 9, "acquired": True}),  # another group's node
+        Event(4.0, "lease", 2, "b", {"term": 7, "acquired": True}),
+        Event(3.5, "lease", 1, "a", {"term": 5, "acquired": True}),  # the same node again
+    ]
+    found = topology.first_new_lease(events, nodes, after=2.0)
+    assert found is not None and (found.node, found.data["term"]) == ("a", 5)
+    assert topology.first_new_lease(events, nodes, after=4.0) is None
+    restored = [
+        Event(2.2, "connection", 1, "a", {"state": "lost"}),
+        Event(3.2, "connection", 2, "b", {"state": "restored"}),
+    ]
+    back = topology.restored_after(restored, nodes, after=2.0)
+    assert back is not None and back.t == 3.2
+    elected = [
+        Event(1.0, "elected", 1, "a", {"token": 3}),
+        Event(5.0, "elected", 1, "a", {"token": 5}),
+    ]
+    assert topology.token_of(elected, "a") == 5 and topology.token_of(elected, "b") is None
+
+
+def test_failover_figures_are_measured_from_the_kill_and_from_the_promotion() -> None:
+    found = topology.figures(10.0, 12.25, 13.0, token_before=3, token_after=5)
+    assert found.promoted_ms == pytest.approx(2250)
+    assert found.leader_ms == pytest.approx(3000)
+    assert found.after_promotion_ms == pytest.approx(750)
+    assert found.token_growth == 2
+
+
+def test_the_topology_promise_is_one_election_timeout_after_the_promotion() -> None:
+    limit = IMPLS["ours"].timeout_max
+    assert limit is not None
+    within = topology_cell("Sentinel", [limit * 1000 - 50] * 5, [2.0] * 5)
+    late = [limit * 1000 - 50] * 4 + [limit * 1000 + 50]
+    beyond = topology_cell("Cluster", late, [0, 2, 2, 2, 2])
+    sentinel = topology_rows([within, beyond], "Sentinel")
+    cluster = topology_rows([within, beyond], "Cluster")
+    assert [row["met"] for row in sentinel] == [True, True]
+    assert [row["met"] for row in cluster] == [False, False]  # the p95 and a token not larger
+    assert f"{limit * 1000:.0f} ms" in cluster[0]["target"]
+
+
+def test_a_failed_topology_leaves_the_other_ones_targets_measured() -> None:
+    failed = Cell(topology.title("Cluster"), "ours", skipped="failed: TimeoutError: no cluster")
+    rows = topology_rows([topology_cell("Sentinel", [300.0] * 3, [1.0] * 3), failed])
+    by_kind = {kind: [r["met"] for r in rows if r["target"].startswith(kind)] for kind in KINDS}
+    assert by_kind == {"Sentinel": [True, True], "Cluster": [None, None]}
+
+
+def test_the_topology_scenario_is_chosen_by_name_and_runs_a_few_trials() -> None:
+    assert "topology" in parse_args([]).scenario_list  # in the default (whole) run
+    assert make_config(parse_args(["--quick"])).topology_trials == 3
+    assert make_config(parse_args([])).topology_trials == 5
+    assert make_config(parse_args(["--topology-trials", "8"])).topology_trials == 8
+    assert scenario_key(topology.title("Sentinel")) == "topology"
