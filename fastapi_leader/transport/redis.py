@@ -1166,7 +1166,11 @@ class RedisTransport:
             for c in (*pool._available_connections, *pool._in_use_connections)
             if c.is_connected
         ]
-        return bool(open_ones) and all(address == primary for address in open_ones)
+        if not open_ones:
+            # None open (the last command failed): the next one opens where discovery says.
+            master = getattr(pool, "master_address", None)
+            return master is not None and _address(*master) == primary
+        return all(address == primary for address in open_ones)
 
     def _prefer_sentinel(self, address: tuple[str, int]) -> None:
         assert self._sentinel is not None
