@@ -434,9 +434,6 @@ class RedisTransport:
         self._watched: tuple[str, int] | None = None
         self._watch_pubsub: PubSub | None = None
         self._move_subscription = False
-        # Held around each command and the move's PING, so that the move never opens a second
-        # command connection beside one in use (redis-py's sentinel pool is not capped).
-        self._command_lock = asyncio.Lock()
         self.switches_followed = 0
         """Sentinel: how many times the sentinels named a new primary and both connections
         moved to it (from ``+switch-master``, or found on subscribing to a sentinel)."""
@@ -834,17 +831,11 @@ class RedisTransport:
         if commands is None:
             raise BrokerUnavailable(f"{what}: the transport to {self._safe_url} is not started")
         try:
-            return await asyncio.wait_for(self._locked(call, commands), self._command_timeout)
+            return await asyncio.wait_for(call(commands), self._command_timeout)
         except _BROKER_ERRORS as exc:
             raise BrokerUnavailable(
                 f"Redis at {self._safe_url}: {what} failed: {_describe(exc)}"
             ) from exc
-
-    async def _locked(
-        self, call: Callable[[Redis | RedisCluster], Awaitable[_T]], commands: Redis | RedisCluster
-    ) -> _T:
-        async with self._command_lock:
-            return await call(commands)
 
     # -- subscriber --------------------------------------------------------------------------
 
@@ -1141,15 +1132,19 @@ class RedisTransport:
                 await asyncio.wait_for(connection.disconnect(), self._connect_timeout)
         # The commands: one under way on the old primary fails (what it did there is about to
         # be lost anyway), and a PING opens the connection to the new primary now, not at the
-        # next command (a follower may not send one for seconds).
+        # next command (a follower may not send one for seconds). Not beside a command under way:
+        # the uncapped pool would open a second connection and keep it; that command, cut off
+        # now, fails, and the node's next one reconnects to the new primary.
         commands = self._commands
+        pool = commands.connection_pool
+        busy = bool(pool._in_use_connections)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(commands.connection_pool.disconnect(), self._connect_timeout)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                self._locked(lambda client: client.ping(), commands),
-                self._connect_timeout + self._command_timeout,
-            )
+            await asyncio.wait_for(pool.disconnect(), self._connect_timeout)
+        if not busy:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    commands.ping(), self._connect_timeout + self._command_timeout
+                )
 
     def _on(self, primary: tuple[str, int]) -> bool:
         """Whether both connections are open to ``primary``."""
