@@ -13,7 +13,12 @@ Three topologies (see :mod:`fastapi_leader.redis_url` for their URLs):
   one cluster (one pool per cluster node); each node keeps its own subscriber connection.
 - **Sentinel** (``redis+sentinel://``): both connections ask the sentinels for the primary each
   time they connect, and reconnect on a connection loss or a ``READONLY`` reply (the primary
-  they knew was demoted).
+  they knew was demoted). A third connection, to one of the sentinels, listens to
+  ``+switch-master``: when the sentinels name a new primary for the service, both connections
+  move to it at once, even while the old primary still runs and takes writes (as it does for a
+  while after a ``SENTINEL FAILOVER``). When that sentinel goes away the listener moves to the
+  next one, and on each (re)subscription it asks its sentinel for the primary, so a switch
+  announced while nobody listened is followed too.
 
 Each node holds two connections (to the group's one server, or its primary):
 
@@ -106,6 +111,12 @@ _PING_PAYLOAD = b"fastapi-leader-ping"
 # Resubscription backoff: quick for a blip, at most about a second apart for an outage.
 _BACKOFF_FIRST = 0.05
 _BACKOFF_CAP = 1.0
+
+# The sentinels' channel that announces a new primary: "<service> <old-ip> <old-port> <new-ip>
+# <new-port>". It is quiet for months, so its connection is PINGed when silent; a dead sentinel
+# costs only speed (a READONLY still sends the node to the new primary), so less often.
+_SWITCH_MASTER = b"+switch-master"
+_SENTINEL_IDLE_BEFORE_PING = 2.0
 
 # Scripts touch only the keys passed in KEYS (Redis Cluster and Dragonfly require it); the
 # broadcast channel is an argument (channels are not keys), in the same slot as the keys through
@@ -417,6 +428,17 @@ class RedisTransport:
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
+        # Sentinel only: the task that listens to +switch-master, the sentinel it listens to
+        # (host, port) once subscribed, and the reader's cue to move its subscription.
+        self._watcher: asyncio.Task[None] | None = None
+        self._watched: tuple[str, int] | None = None
+        self._watch_pubsub: PubSub | None = None
+        self._move_subscription = False
+        self.switches_followed = 0
+        """Sentinel: how many times the sentinels named a new primary and both connections
+        moved to it (from ``+switch-master``, or found on subscribing to a sentinel)."""
+        self.switch_messages_ignored = 0
+        """Sentinel: ``+switch-master`` messages ignored, malformed or for another service."""
 
     def _standalone_clients(self, url: str, options: dict[str, Any]) -> tuple[Redis, Redis]:
         pool_options = {
@@ -565,6 +587,11 @@ class RedisTransport:
         self._reader = asyncio.create_task(
             self._read_forever(pubsub, sink), name=f"fastapi-leader reader {self.names.node_id}"
         )
+        if self._sentinel is not None:
+            # In the background: the node works without it (only slower to follow a switch).
+            self._watcher = asyncio.create_task(
+                self._watch_sentinels(), name=f"fastapi-leader sentinel {self.names.node_id}"
+            )
 
     async def _check_server(self, client: Redis, *, cluster: bool) -> None:
         """PING, then refuse a server that cannot serve the group: too old, a replica, a
@@ -669,23 +696,16 @@ class RedisTransport:
         if self._closed:
             return
         self._closed = True
+        # The sentinel listener first: it must not move the connections while they close.
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            await self._stop_task(watcher, lambda: self._watch_pubsub)
+        watch_pubsub, self._watch_pubsub = self._watch_pubsub, None
+        if watch_pubsub is not None:
+            await self._discard_sentinel_pubsub(watch_pubsub)
         reader, self._reader = self._reader, None
         if reader is not None:
-            reader.cancel()
-            # Bounded: under load a cancellation can be swallowed inside redis-py's reads (a
-            # race of its internal timeouts with ours, seen with hundreds of nodes on Python
-            # 3.11), and an unbounded wait here hung close(). Then the connection is closed
-            # under the reader, which ends its read, and the reader is cancelled once more.
-            done, _ = await asyncio.wait({reader}, timeout=self._command_timeout)
-            if not done and self._pubsub is not None:
-                await self._discard(self._pubsub)
-                reader.cancel()
-                await asyncio.wait({reader}, timeout=self._connect_timeout)
-            if not reader.done():
-                _log.warning("fastapi-leader reader %s did not stop; left behind", reader)
-            elif not reader.cancelled():
-                with contextlib.suppress(Exception):
-                    reader.result()
+            await self._stop_task(reader, lambda: self._pubsub)
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             with contextlib.suppress(Exception):
@@ -693,6 +713,27 @@ class RedisTransport:
                 await asyncio.wait_for(unsubscribe, self._command_timeout)
             await self._discard(pubsub)
         await self._close_connections()
+
+    async def _stop_task(
+        self, task: asyncio.Task[None], its_pubsub: Callable[[], PubSub | None]
+    ) -> None:
+        """Cancel a task that reads a pub/sub connection, and wait for it, within bounds."""
+        task.cancel()
+        # Bounded: under load a cancellation can be swallowed inside redis-py's reads (a race
+        # of its internal timeouts with ours, seen with hundreds of nodes on Python 3.11), and
+        # an unbounded wait here hung close(). Then the connection is closed under the task,
+        # which ends its read, and the task is cancelled once more.
+        done, _ = await asyncio.wait({task}, timeout=self._command_timeout)
+        pubsub = its_pubsub()
+        if not done and pubsub is not None:
+            await self._discard(pubsub)
+            task.cancel()
+            await asyncio.wait({task}, timeout=self._connect_timeout)
+        if not task.done():
+            _log.warning("fastapi-leader task %s did not stop; left behind", task)
+        elif not task.cancelled():
+            with contextlib.suppress(Exception):
+                task.result()
 
     async def _close_connections(self) -> None:
         clients: list[Redis | RedisCluster] = []
@@ -801,6 +842,8 @@ class RedisTransport:
     async def _subscribe(self, sink: Sink, *, reread_slots: bool = False) -> PubSub:
         """Open a fresh subscriber connection and return it once both subscriptions are
         confirmed, so that a message published after this returns is heard."""
+        # This subscription asks the sentinels afresh: a move asked for until now is done by it.
+        self._move_subscription = False
         if self._cluster is None:
             assert self._subscriber is not None
             pubsub = self._subscriber.pubsub()
@@ -866,6 +909,11 @@ class RedisTransport:
             try:
                 await self._pump(pubsub, sink)
             except Exception as exc:
+                if self._move_subscription:
+                    moved = await self._move(pubsub, sink)
+                    if moved is not None:
+                        pubsub = moved
+                        continue
                 _log.warning(
                     "Lost the subscription to Redis at %s (%s); reconnecting",
                     self._safe_url,
@@ -902,6 +950,10 @@ class RedisTransport:
                 elif kind == "sunsubscribe":
                     # Redis unsubscribes shard channels whose slot moved to another node.
                     raise ConnectionResetError("the group's slot moved to another node")
+                if self._move_subscription:
+                    # Asked to move, and redis-py reconnected (and resubscribed) by itself on
+                    # its next read: move all the same, on a subscription this reader confirms.
+                    raise ConnectionResetError("the sentinels named a new primary")
                 # With a backlog buffered, get_message returns without ever suspending: yield,
                 # so that a flood on the channel cannot hold off the timer (and the renewals)
                 # of every node on the election thread.
@@ -915,6 +967,29 @@ class RedisTransport:
                 await asyncio.wait_for(pubsub.ping(_PING_PAYLOAD), self._command_timeout)
                 ping_sent = True
 
+    async def _move(self, old: PubSub, sink: Sink) -> PubSub | None:
+        """Subscribe on the primary the sentinels name now, in place of ``old``, without
+        reporting a loss: the node never stopped hearing a primary, and hears the new one
+        within one connection's setup. None if that fails (then it is a loss after all)."""
+        started = asyncio.get_running_loop().time()
+        await self._discard(old)
+        self._pubsub = None
+        try:
+            pubsub = self._pubsub = await self._subscribe(sink)
+        except Exception as exc:
+            _log.warning(
+                "Could not move the subscription to the new primary of %s (%s)",
+                self._safe_url,
+                _describe(exc),
+            )
+            return None
+        _log.info(
+            "Subscription moved to the new primary of %s in %.3f s",
+            self._safe_url,
+            asyncio.get_running_loop().time() - started,
+        )
+        return pubsub
+
     async def _resubscribe(self, sink: Sink) -> PubSub:
         """Retry :meth:`_subscribe` with jittered exponential backoff until it succeeds."""
         delay = _BACKOFF_FIRST
@@ -927,6 +1002,186 @@ class RedisTransport:
                     "Resubscribing to Redis at %s failed: %s", self._safe_url, _describe(exc)
                 )
             delay = min(delay * 2, _BACKOFF_CAP)
+
+    # -- sentinel: +switch-master ------------------------------------------------------------
+
+    async def _watch_sentinels(self) -> None:
+        """Listen to ``+switch-master`` on one sentinel at a time until cancelled by
+        :meth:`close`; when it fails, move to the next of the URL's sentinels, with backoff."""
+        hosts = list(self._url.hosts)
+        # A random first one: the nodes of a process (and of a fleet) spread over the sentinels.
+        index = random.randrange(len(hosts))
+        delay = _BACKOFF_FIRST
+        while True:
+            host, port = hosts[index]
+            try:
+                await self._watch(host, port)
+            except Exception as exc:
+                if self._watched is not None:
+                    _log.warning(
+                        "Lost the sentinel at %s:%d (%s); listening to +switch-master on the "
+                        "next one",
+                        host,
+                        port,
+                        _describe(exc),
+                    )
+                    delay = _BACKOFF_FIRST
+                else:
+                    _log.debug(
+                        "Cannot listen to +switch-master on the sentinel at %s:%d: %s",
+                        host,
+                        port,
+                        _describe(exc),
+                    )
+            finally:
+                self._watched = None
+                pubsub, self._watch_pubsub = self._watch_pubsub, None
+                if pubsub is not None:
+                    await self._discard_sentinel_pubsub(pubsub)
+            index = (index + 1) % len(hosts)
+            await asyncio.sleep(delay + random.uniform(0, delay / 2))
+            delay = min(delay * 2, _BACKOFF_CAP)
+
+    async def _watch(self, host: str, port: int) -> None:
+        """Subscribe to ``+switch-master`` on the sentinel at ``host:port`` and follow every
+        switch of the service it announces; raise when the sentinel fails or goes silent."""
+        assert self._sentinel is not None and self._url.service_name is not None
+        # A client of its own, never retrying: redis-py would otherwise reconnect and
+        # resubscribe behind this loop's back, and a switch announced meanwhile go unheard.
+        client = Redis(
+            host=host,
+            port=port,
+            **{
+                **self._sentinel.sentinel_kwargs,
+                "retry": Retry(NoBackoff(), 0, supported_errors=()),
+            },
+        )
+        pubsub = self._watch_pubsub = client.pubsub()
+        setup_timeout = self._connect_timeout + self._command_timeout
+        await asyncio.wait_for(self._confirm_switch_master(pubsub), setup_timeout)
+        self._watched = (host, port)
+        # A switch announced while no sentinel was heard (or before this node started): the
+        # sentinel's answer now is what the next +switch-master would have said.
+        reply = await asyncio.wait_for(
+            client.execute_command(  # type: ignore[no-untyped-call]
+                "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self._url.service_name
+            ),
+            setup_timeout,
+        )
+        if isinstance(reply, (list, tuple)) and len(reply) == 2:
+            primary = _address(reply[0], reply[1])
+            if primary is not None:
+                await self._follow(primary, (host, port))
+        loop = asyncio.get_running_loop()
+        last_frame_at = loop.time()
+        ping_sent = False
+        while True:
+            message = await pubsub.get_message(timeout=_POLL_INTERVAL)
+            now = loop.time()
+            if message is not None:
+                last_frame_at = now
+                ping_sent = False
+                if message["type"] == "message" and message["channel"] == _SWITCH_MASTER:
+                    await self._switch_announced(message["data"], (host, port))
+                continue
+            silence = now - last_frame_at
+            if silence >= _SENTINEL_IDLE_BEFORE_PING + _PING_TIMEOUT:
+                raise TimeoutError(f"no reply to PING for {silence - _PING_TIMEOUT:.1f} s")
+            if silence >= _SENTINEL_IDLE_BEFORE_PING and not ping_sent:
+                await asyncio.wait_for(pubsub.ping(_PING_PAYLOAD), self._command_timeout)
+                ping_sent = True
+
+    async def _confirm_switch_master(self, pubsub: PubSub) -> None:
+        await pubsub.subscribe(_SWITCH_MASTER)
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message is not None and message["type"] == "subscribe":
+                return
+
+    async def _switch_announced(self, data: Any, told_by: tuple[str, int]) -> None:
+        """Follow a ``+switch-master`` message that names a new primary of this service;
+        count and ignore any other."""
+        assert self._url.service_name is not None
+        primary = _parse_switch_master(data, self._url.service_name)
+        if primary is None:
+            self.switch_messages_ignored += 1
+            _log.debug("Ignored a +switch-master message: %r", data)
+        else:
+            await self._follow(primary, told_by)
+
+    async def _follow(self, primary: tuple[str, int], told_by: tuple[str, int]) -> None:
+        """Move both connections to ``primary``, unless they are on it already."""
+        assert isinstance(self._commands, Redis)
+        if self._on(primary):
+            return
+        self.switches_followed += 1
+        _log.info(
+            "The sentinels name %s:%d the primary of %r: moving both connections there",
+            *primary,
+            self._url.service_name,
+        )
+        # Rediscovery asks the sentinels in turn: first the one that announced the switch,
+        # since the others may name the old primary for a moment yet.
+        self._prefer_sentinel(told_by)
+        # The subscriber: its reader moves it once its connection closes under it.
+        self._move_subscription = True
+        pubsub = self._pubsub
+        connection = None if pubsub is None else pubsub.connection
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.disconnect(), self._connect_timeout)
+        # The commands: one under way on the old primary fails (what it did there is about to
+        # be lost anyway), and a PING opens the connection to the new primary now, not at the
+        # next command (a follower may not send one for seconds). Not beside a command under way:
+        # the uncapped pool would open a second connection and keep it; that command, cut off
+        # now, fails, and the node's next one reconnects to the new primary.
+        commands = self._commands
+        pool = commands.connection_pool
+        busy = bool(pool._in_use_connections)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pool.disconnect(), self._connect_timeout)
+        if not busy:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    commands.ping(), self._connect_timeout + self._command_timeout
+                )
+
+    def _on(self, primary: tuple[str, int]) -> bool:
+        """Whether both connections are open to ``primary``."""
+        pubsub = self._pubsub
+        connection = None if pubsub is None else pubsub.connection
+        if connection is None or not connection.is_connected:
+            return False
+        if _address(connection.host, connection.port) != primary:
+            return False
+        assert self._commands is not None
+        pool = self._commands.connection_pool
+        open_ones = [
+            _address(c.host, c.port)
+            for c in (*pool._available_connections, *pool._in_use_connections)
+            if c.is_connected
+        ]
+        if not open_ones:
+            # None open (the last command failed): the next one opens where discovery says.
+            master = getattr(pool, "master_address", None)
+            return master is not None and _address(*master) == primary
+        return all(address == primary for address in open_ones)
+
+    def _prefer_sentinel(self, address: tuple[str, int]) -> None:
+        assert self._sentinel is not None
+        sentinels = self._sentinel.sentinels
+        for index, sentinel in enumerate(sentinels):
+            kwargs = sentinel.connection_pool.connection_kwargs
+            if _address(kwargs.get("host"), kwargs.get("port")) == address:
+                sentinels[0], sentinels[index] = sentinels[index], sentinels[0]
+                return
+
+    async def _discard_sentinel_pubsub(self, pubsub: PubSub) -> None:
+        # The client was made for this subscription alone: close its pool with it.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(close_pubsub(pubsub), self._connect_timeout)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pubsub.connection_pool.disconnect(), self._connect_timeout)
 
     def _deliver(self, sink: Sink, data: Any) -> None:
         if isinstance(data, bytes):
@@ -945,6 +1200,38 @@ def close_pubsub(pubsub: PubSub) -> Awaitable[None]:
     """`pubsub.aclose()`, typed: redis-py annotates it in some releases, not in others."""
     aclose: Callable[[], Awaitable[None]] = pubsub.aclose
     return aclose()
+
+
+def _address(host: Any, port: Any) -> tuple[str, int] | None:
+    """``(host, port)`` from a reply's or a connection's fields, or None if they are not one."""
+    if isinstance(host, bytes):
+        host = host.decode(errors="replace")
+    if isinstance(port, bytes):
+        port = port.decode(errors="replace")
+    if isinstance(port, str) and port.isascii() and port.isdigit():
+        port = int(port)
+    if not isinstance(host, str) or not host or isinstance(port, bool):
+        return None
+    if not isinstance(port, int) or not 0 < port < 65536:
+        return None
+    return host, port
+
+
+def _parse_switch_master(data: Any, service: str) -> tuple[str, int] | None:
+    """The new primary's address from a ``+switch-master`` message about ``service``
+    (``<service> <old-ip> <old-port> <new-ip> <new-port>``); None if the message is about
+    another service, or is not one."""
+    if not isinstance(data, bytes):
+        return None
+    try:
+        fields = data.decode().split(" ")
+    except UnicodeDecodeError:
+        return None
+    if len(fields) != 5 or fields[0] != service:
+        return None
+    if _address(fields[1], fields[2]) is None:
+        return None
+    return _address(fields[3], fields[4])
 
 
 def _notify(callback: Callable[..., None], *args: Any) -> None:
