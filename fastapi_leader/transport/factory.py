@@ -40,4 +40,8 @@ def transport_for(settings: LeaderSettings, names: Names) -> Transport:
         # Heartbeats prove the subscription alive: PING only a silence longer than the
         # leader's (a slow profile's 3 s beats would otherwise cost five PINGs each).
         idle_before_ping=1.5 * settings.heartbeat_interval,
+        # After an outage or a failover the group elects one election timeout after the nodes
+        # hear each other again: retries a quarter of that apart (within 0.1 to 1 s) keep the
+        # wait for the subscription small beside it, at a few connection attempts a second.
+        retry_cap=min(1.0, max(0.1, settings.election_timeout_min / 4)),
     )

@@ -108,7 +108,8 @@ _IDLE_BEFORE_PING = 0.5
 _PING_TIMEOUT = 1.0
 _PING_PAYLOAD = b"fastapi-leader-ping"
 
-# Resubscription backoff: quick for a blip, at most about a second apart for an outage.
+# Resubscription backoff: quick for a blip, at most about a second apart for an outage (the
+# default; the election passes a shorter cap, see ``retry_cap``).
 _BACKOFF_FIRST = 0.05
 _BACKOFF_CAP = 1.0
 
@@ -354,6 +355,10 @@ class RedisTransport:
         sentinel_password: the sentinels' own password, if they require one.
         idle_before_ping: seconds of silence on the subscriber connection before it is PINGed
             (at least 0.5); no reply within another second and it counts as dead.
+        retry_cap: the longest wait between two attempts to subscribe again after the
+            subscription is lost (the waits double from 50 ms up to it, plus up to half in
+            jitter): how soon after Redis is back, or a replica promoted, the node hears the
+            group again.
 
     The password in ``url`` never appears in logs or error messages.
     """
@@ -368,6 +373,7 @@ class RedisTransport:
         ssl_options: Mapping[str, Any] | None = None,
         sentinel_password: str | None = None,
         idle_before_ping: float = _IDLE_BEFORE_PING,
+        retry_cap: float = _BACKOFF_CAP,
     ) -> None:
         if not connect_timeout > 0:
             raise ValueError(f"connect_timeout must be positive, got {connect_timeout!r}")
@@ -378,6 +384,9 @@ class RedisTransport:
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._idle_before_ping = max(idle_before_ping, _IDLE_BEFORE_PING)
+        self._retry_cap = max(retry_cap, _BACKOFF_FIRST)
+        # Set when a retry should not wait out its backoff: the sentinels named a new primary.
+        self._retry_now = asyncio.Event()
         try:
             self._url = parse_broker_url(url)
         except ValueError as exc:
@@ -991,17 +1000,22 @@ class RedisTransport:
         return pubsub
 
     async def _resubscribe(self, sink: Sink) -> PubSub:
-        """Retry :meth:`_subscribe` with jittered exponential backoff until it succeeds."""
+        """Retry :meth:`_subscribe` with jittered exponential backoff until it succeeds; a
+        switch of primary announced by the sentinels cuts the wait short."""
         delay = _BACKOFF_FIRST
+        self._retry_now.clear()
         while True:
-            await asyncio.sleep(delay + random.uniform(0, delay / 2))
+            with contextlib.suppress(asyncio.TimeoutError):
+                pause = delay + random.uniform(0, delay / 2)
+                await asyncio.wait_for(self._retry_now.wait(), pause)
+            self._retry_now.clear()
             try:
                 return await self._subscribe(sink, reread_slots=True)
             except Exception as exc:
                 _log.debug(
                     "Resubscribing to Redis at %s failed: %s", self._safe_url, _describe(exc)
                 )
-            delay = min(delay * 2, _BACKOFF_CAP)
+            delay = min(delay * 2, self._retry_cap)
 
     # -- sentinel: +switch-master ------------------------------------------------------------
 
@@ -1125,6 +1139,7 @@ class RedisTransport:
         self._prefer_sentinel(told_by)
         # The subscriber: its reader moves it once its connection closes under it.
         self._move_subscription = True
+        self._retry_now.set()  # a reader waiting out its backoff retries now, on the new one
         pubsub = self._pubsub
         connection = None if pubsub is None else pubsub.connection
         if connection is not None:
