@@ -217,6 +217,9 @@ class NodeProcess:
         )
         if harness.config.sabotage:
             env["CHAOS_SABOTAGE"] = harness.config.sabotage
+            # The long-lease sabotage cuts the key's TTL on a connection no fault touches.
+            assert harness.redis is not None
+            env["CHAOS_DIRECT_REDIS_URL"] = harness.redis.url
         with _open_log(stderr_path) as stderr:
             self.process = await processes.spawn(
                 kind.command(self.spec),
