@@ -204,6 +204,24 @@ class ClusterTopology(_Topology):
                         return next(s for s in self.servers if s.port == port)
         raise LookupError(f"no live node serves slot {slot}")
 
+    def replica_of(self, primary: RedisServer) -> RedisServer:
+        """The live replica that follows ``primary``."""
+        primary_id = self.node_id(primary)
+        with _admin(primary.port) as admin:
+            nodes = admin.execute_command("CLUSTER", "NODES").decode().splitlines()
+        for fields in (line.split() for line in nodes):
+            if fields[3] == primary_id and "slave" in fields[2].split(","):
+                port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                return next(s for s in self.servers if s.port == port and s.is_running)
+        raise LookupError(f"no replica follows :{primary.port}")
+
+    def cut_replication_of(self, key: str) -> None:
+        """Stop the replica of ``key``'s slot from taking in its primary's writes while both
+        run (as :meth:`SentinelTopology.cut_replication`): a failover now loses every write
+        the primary acknowledged since."""
+        primary = self.primary_of(key)
+        _cut_link(primary, self.replica_of(primary))
+
     def kill_primary_of(self, key: str) -> RedisServer:
         """SIGKILL the primary of ``key``'s slot; return it (stopped)."""
         victim = self.primary_of(key)
@@ -258,6 +276,29 @@ class ClusterTopology(_Topology):
             return primary if role == b"master" else None
 
         return wait_until(promoted, FAILOVER_TIMEOUT, "a replica to take over the slot")
+
+
+def _cut_link(primary: RedisServer, replica: RedisServer) -> None:
+    """``replica`` reconnects to ``primary`` with credentials it refuses, and keeps what it
+    had; undo it with :func:`heal_link`."""
+    with _admin(replica.port) as admin:
+        admin.config_set("masteruser", "no-such-user")
+        admin.config_set("masterauth", "wrong")
+    with _admin(primary.port) as admin:
+        admin.execute_command("CLIENT", "KILL", "TYPE", "replica")
+    wait_until(
+        lambda: SentinelTopology.info(replica).get("master_link_status") == "down",
+        SETUP_TIMEOUT,
+        "the replica to lose its link",
+    )
+
+
+def heal_link(server: RedisServer) -> None:
+    """Undo :func:`_cut_link`'s credentials on ``server`` (a replica promoted since), so that
+    it could follow a primary again."""
+    with _admin(server.port) as admin:
+        admin.config_set("masteruser", "")
+        admin.config_set("masterauth", "")
 
 
 def _text_dict(raw: Any) -> dict[str, str]:
@@ -398,17 +439,7 @@ class SentinelTopology(_Topology):
         with credentials the primary refuses, so it keeps what it had (a frozen replica would
         not do: the writes wait in its socket buffer and land when it runs again)."""
         assert self.primary is not None and self.replica is not None
-        with _admin(self.replica.port) as admin:
-            admin.config_set("masteruser", "no-such-user")
-            admin.config_set("masterauth", "wrong")
-        with _admin(self.primary.port) as admin:
-            admin.execute_command("CLIENT", "KILL", "TYPE", "replica")
-        replica = self.replica
-        wait_until(
-            lambda: self.info(replica).get("master_link_status") == "down",
-            SETUP_TIMEOUT,
-            "the replica to lose its link",
-        )
+        _cut_link(self.primary, self.replica)
 
     def kill_primary(self) -> RedisServer:
         """SIGKILL the primary; return it (stopped)."""

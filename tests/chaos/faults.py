@@ -24,6 +24,7 @@ from dataclasses import dataclass
 __all__ = [
     "ALL_KINDS",
     "KINDS",
+    "LAGGING_SECONDS",
     "LOOP_STALL_BELOW",
     "LOOP_STALL_BEYOND",
     "LOOP_STALL_LIMIT",
@@ -35,6 +36,9 @@ __all__ = [
     "describe",
     "schedule",
 ]
+
+LAGGING_SECONDS = 1.0
+"""*-failover ``lagging``: how long the replica misses the primary's writes before the kill."""
 
 LOOP_STALL_LIMIT = 3.0
 """The ``LEADER_LOOP_STALL_LIMIT`` (s) every chaos node runs with: above the longest SIGSTOP of
@@ -108,6 +112,10 @@ class Step:
     """Quiet time after the group has recovered, before the next step."""
     mode: str = ""
     """net-cut*: ``reset`` or ``drop``; redis-restart/-wipe: ``term`` or ``kill``;
+    *-failover: ``prompt`` (the replica is up to date, as on a quiet network: it lags by
+    well under a millisecond here) or ``lagging`` (replication is cut for
+    :data:`LAGGING_SECONDS` before the kill, and the leader resigns in it: the failover
+    loses the writes of that time, a whole leadership among them);
     loop-stall*: ``sleep`` (``time.sleep``) or ``spin`` (pure Python, holding the GIL)."""
     latency: float = 0.0
     jitter: float = 0.0
@@ -130,6 +138,8 @@ def _draw(rng: random.Random, index: int, kind: str) -> Step:
         duration = round(rng.uniform(1.0, 2.5), 3)
     elif kind in ("redis-restart", "redis-wipe"):
         mode = rng.choice(("term", "kill"))
+    elif kind.endswith("-failover"):
+        mode = rng.choice(("prompt", "lagging"))
     elif kind.startswith("net-cut"):
         mode = rng.choice(("reset", "drop"))
     elif kind == "loop-stall":

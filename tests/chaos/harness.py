@@ -56,12 +56,21 @@ from fastapi_leader.testing import RedisServer
 from fastapi_leader.transport.base import Names
 from harness import processes
 from harness.reports import parse
-from harness.topologies import ClusterTopology, SentinelTopology
+from harness.topologies import ClusterTopology, SentinelTopology, heal_link
 from harness.waiting import Changes, until
 
 from . import checks
 from .checks import Record, View
-from .faults import KINDS, LOOP_STALL_LIMIT, TOPOLOGY_FAULTS, Step, check_faults, describe, schedule
+from .faults import (
+    KINDS,
+    LAGGING_SECONDS,
+    LOOP_STALL_LIMIT,
+    TOPOLOGY_FAULTS,
+    Step,
+    check_faults,
+    describe,
+    schedule,
+)
 from .proxy import CONNECTION_KINDS, FaultProxy
 from .workload import NODE_KINDS, NodeKind, NodeSpec, direct_client
 
@@ -644,19 +653,51 @@ class Chaos:
         and syncs. Recorded for the figures: the kill, the promotion, the first election after
         the kill and the tokens before and after.
 
+        ``lagging`` (the step's mode) first cuts replication for
+        :data:`~tests.chaos.faults.LAGGING_SECONDS` while the group keeps writing, and has
+        the leader resign in it, so that the failover surely loses writes, as an asynchronous
+        failover may, and among them a whole leadership: its term (the counter's INCR), its
+        key, its fence claims and its deliveries; ``prompt`` kills the primary of a replica
+        that is up to date (on loopback it lags by well under a millisecond).
+
         What cannot hold across an asynchronous failover, and is therefore not counted: an
         event that the killed primary had acknowledged and not yet passed to its replica is
-        gone from the new primary (Redis lost it, no fence can bring it back); so the harness
-        acknowledges an event only once ``WAIT`` says the replica has it (see
-        :mod:`tests.chaos.workload`). Everything else is checked as on one server: the
-        leader's lease cannot outlive the failover (it is shorter than the failure detection),
-        the term counter a lost write may set back is raised again by the candidates' floor,
-        and the mover's fence and checkpoint are lost only with the deliveries they cover
-        (each fenced script is one atomic write, replicated whole or not at all).
+        gone from the new primary (Redis lost it, no fence can bring it back: the library's
+        documented limit); so the harness acknowledges an event only once ``WAIT`` says the
+        replica has it, and counts the others apart (``primary_only``: a lagging failover
+        loses some of them, see :mod:`tests.chaos.workload`). Everything else is checked as
+        on one server, and holds: the leader's lease (0.4 s) ends before a replica can be
+        promoted (failure detection alone takes 1 s), so no two leases overlap; the term
+        counter that the lost leadership set back is raised again by the next candidate's
+        floor (the highest term it heard), so tokens only grow; and the mover's deliveries are lost
+        only together with the checkpoint that covers them (each fenced script is one atomic
+        write, replicated whole or not at all), so the next leader redelivers exactly those.
         """
         topology = self.topology
         assert topology is not None
+        key = self.names.leader_key
+        if step.mode == "lagging":
+            if isinstance(topology, SentinelTopology):
+                await asyncio.to_thread(topology.cut_replication)
+            else:
+                await asyncio.to_thread(topology.cut_replication_of, key)
+            self.say(f"  replication cut for {LAGGING_SECONDS:g} s before the kill")
+            cut_at = time.monotonic()
+            # A new leadership that only the doomed primary will have known: its term, its
+            # key, its fence claims and deliveries are all lost in the failover.
+            await leader.command("resign")
+
+            def successor() -> NodeProcess | None:
+                agreed = self.leader()
+                return agreed if agreed is not None and agreed is not leader else None
+
+            if await self.wait_for(successor, SETTLE_TIMEOUT) is None:
+                self.violation(f"step {step.index}: {leader.name} resigned, nobody took over")
+            leader = self.leader() or leader
+            self.say(f"  {leader.name} leads (token {self.view_token(leader)}) on the cut primary")
+            await asyncio.sleep(max(0.0, cut_at + LAGGING_SECONDS - time.monotonic()))
         result.token_before = self.view_token(leader)
+        result.started = time.monotonic()
         if isinstance(topology, SentinelTopology):
             victim = await asyncio.to_thread(topology.kill_primary)
             self.say(f"  primary :{victim.port} killed")
@@ -666,9 +707,9 @@ class Chaos:
             await self.settle(f"step {step.index}")
             await asyncio.sleep(step.duration)
             restart = time.monotonic()
+            await asyncio.to_thread(heal_link, new)
             await asyncio.to_thread(topology.restore, victim)
         else:
-            key = self.names.leader_key
             victim = await asyncio.to_thread(topology.kill_primary_of, key)
             self.say(f"  primary :{victim.port} of the group's slot killed")
             new = await asyncio.to_thread(topology.wait_for_new_primary_of, key, victim)
@@ -677,6 +718,7 @@ class Chaos:
             await self.settle(f"step {step.index}")
             await asyncio.sleep(step.duration)
             restart = time.monotonic()
+            await asyncio.to_thread(heal_link, new)
             await asyncio.to_thread(topology.restore, victim, new)
         self.say(f"  :{victim.port} back as a replica after {time.monotonic() - restart:.2f} s")
         result.restarted = restart

@@ -293,7 +293,7 @@ async def main() -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    watcher = asyncio.create_task(follow_commands(stop.set))
+    watcher = asyncio.create_task(follow_commands(stop.set, election.resign))
     emit("armed", sabotage=sabotage or None)
     try:
         if cutter is not None:

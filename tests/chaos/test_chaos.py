@@ -135,7 +135,9 @@ async def test_app_loop_stalls_below_and_beyond_the_limit(tmp_path: Path) -> Non
     assert result.ok, f"{len(result.violations)} violation(s); replay: {config.replay()}\n{output}"
 
 
-FAILOVER_SEED = 1  # failovers keeping the killed primary down 0.7 s and 0.5 s
+# Seed 8's first two failovers: one "lagging" (replication cut for a second before the kill,
+# so the failover loses writes the primary alone had confirmed), then a "prompt" one.
+FAILOVER_SEED = 8
 
 
 @pytest.mark.timeout(300)
@@ -144,7 +146,8 @@ async def test_failovers_keep_the_invariants(topology: str, tmp_path: Path) -> N
     # The primary (of the group's slot) is SIGKILLed twice; each time its replica takes
     # over, the group elects a leader with a higher token, and the old primary comes back as
     # the new one's replica without unseating it. The mover loses and repeats nothing that
-    # its replica had confirmed (WAIT) before the kill.
+    # its replica had confirmed (WAIT) before the kill; the lagging failover does lose what
+    # the primary alone confirmed, which is why those events are not counted as acknowledged.
     kind = f"{topology}-failover"
     config = ChaosConfig(
         seed=FAILOVER_SEED,
@@ -155,7 +158,10 @@ async def test_failovers_keep_the_invariants(topology: str, tmp_path: Path) -> N
         log_dir=tmp_path / "chaos",
     )
     result, output = await run(config)
-    assert [step.step.kind for step in result.steps] == [kind, kind], output
+    assert [(step.step.kind, step.step.mode) for step in result.steps] == [
+        (kind, "lagging"),
+        (kind, "prompt"),
+    ], output
     for step in result.steps:
         assert step.promoted is not None and step.first_elected is not None, output
         assert step.token_before is not None, output
