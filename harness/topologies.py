@@ -46,6 +46,7 @@ from fastapi_leader.testing import RedisServer
 SETUP_TIMEOUT = 30.0
 FAILOVER_TIMEOUT = 30.0
 NODE_TIMEOUT_MS = 1000  # cluster-node-timeout and Sentinel's down-after-milliseconds
+FAILOVER_TIMEOUT_MS = 5000  # Sentinel's failover-timeout
 SERVICE = "main"
 
 _T = TypeVar("_T")
@@ -110,10 +111,12 @@ class _Topology:
 
 
 class ClusterTopology(_Topology):
-    """3 primaries, each with one replica, slots split evenly; ``url`` seeds all six nodes."""
+    """3 primaries, each with one replica, slots split evenly; ``url`` seeds all six nodes.
+    ``binary``: the server executable (default: as :class:`RedisServer` finds it)."""
 
-    def __init__(self, primaries: int = 3) -> None:
+    def __init__(self, primaries: int = 3, *, binary: str | None = None) -> None:
         self._primaries = primaries
+        self._binary = binary
         self.servers: list[RedisServer] = []
         self._bus_ports: dict[int, int] = {}
         self._ids: dict[int, str] = {}
@@ -142,7 +145,9 @@ class ClusterTopology(_Topology):
             # The bus port defaults to the port + 10000, which need not be free (or below
             # 65536): give it a free port of its own.
             bus_port = _free_port()
-            server = RedisServer(extra_args=[*args, "--cluster-port", str(bus_port)])
+            server = RedisServer(
+                binary=self._binary, extra_args=[*args, "--cluster-port", str(bus_port)]
+            )
             self.servers.append(self._stack.enter_context(server))
             self._bus_ports[server.port] = bus_port
         primaries, replicas = self.servers[: self._primaries], self.servers[self._primaries :]
@@ -334,7 +339,11 @@ class _SentinelProcess:
             f"dir {self._dir}\n"
             f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 2\n"
             f"sentinel down-after-milliseconds {SERVICE} {NODE_TIMEOUT_MS}\n"
-            f"sentinel failover-timeout {SERVICE} 10000\n"
+            # Also the sentinels' election timeout (at most 10 s): a split vote among them
+            # (all three standing at once) waits this out before one stands again; at
+            # 10 s, one chaos failover in twenty took 10.5 s. Promoting the one replica
+            # takes about a second.
+            f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
             f"sentinel parallel-syncs {SERVICE} 1\n"
             # The sentinels' own password; they use it with each other too.
             + ("" if password is None else f"requirepass {password}\n")
@@ -367,18 +376,22 @@ def _free_port() -> int:
 
 
 class SentinelTopology(_Topology):
-    """A primary, one replica, and 3 sentinels (quorum 2) monitoring them as ``main``."""
+    """A primary, one replica, and 3 sentinels (quorum 2) monitoring them as ``main``.
+    ``binary``: the server executable, for the sentinels too (default: as
+    :class:`RedisServer` finds it)."""
 
     def __init__(
         self,
         *,
         sentinels: int = 3,
+        binary: str | None = None,
         server_args: list[str] | None = None,
         sentinel_password: str | None = None,
     ) -> None:
         self._count = sentinels
         self.sentinel_password = sentinel_password
         self._server_args = server_args or []
+        self._binary = binary
         self.primary: RedisServer | None = None
         self.replica: RedisServer | None = None
         self.sentinels: list[_SentinelProcess] = []
@@ -390,10 +403,13 @@ class SentinelTopology(_Topology):
         return f"redis+sentinel://{hosts}/{SERVICE}"
 
     def _start(self) -> None:
-        self.primary = self._stack.enter_context(RedisServer(extra_args=self._server_args))
+        self.primary = self._stack.enter_context(
+            RedisServer(binary=self._binary, extra_args=self._server_args)
+        )
         self.replica = self._stack.enter_context(
             RedisServer(
-                extra_args=[*self._server_args, "--replicaof", "127.0.0.1", str(self.primary.port)]
+                binary=self._binary,
+                extra_args=[*self._server_args, "--replicaof", "127.0.0.1", str(self.primary.port)],
             )
         )
         wait_until(

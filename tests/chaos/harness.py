@@ -814,8 +814,12 @@ class Chaos:
             self.nodes.append(NodeProcess(self, index, proxy, proxy.url))
 
     async def _start_topology(self) -> None:
+        # Every server and sentinel dies with the harness, as the standalone server does.
+        binary = _dying_with_us(self.log_dir)
         topology: SentinelTopology | ClusterTopology = (
-            SentinelTopology() if self.config.topology == "sentinel" else ClusterTopology()
+            SentinelTopology(binary=binary)
+            if self.config.topology == "sentinel"
+            else ClusterTopology(binary=binary)
         )
         began = time.monotonic()
         # Assigned first: shutdown() stops whatever a setup that fails half-way started.
