@@ -1189,8 +1189,14 @@ def format_summary(result: ChaosResult) -> str:
         ),
         f"  fenced off                 {s['fence_refusals']} writes of stale leaderships",
         f"  node crashes               {s['crashes']}",
-        f"  proxied connections        {px['subscriber']} subscriber, {px['command']} command; "
-        f"{px['reset']} reset, {px['silenced']} made silent",
+        *(
+            [
+                f"  proxied connections        {px['subscriber']} subscriber, "
+                f"{px['command']} command; {px['reset']} reset, {px['silenced']} made silent"
+            ]
+            if s["topology"] == "standalone"
+            else []  # no proxies there
+        ),
         f"  violations                 {len(result.violations)}",
     ]
     for violation in result.violations:
