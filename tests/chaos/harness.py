@@ -181,6 +181,9 @@ class StepResult:
     """*-failover: the leader's fencing token when its primary was killed."""
     first_elected: Record | None = None
     """*-failover: the first ``elected`` report after the kill."""
+    cut_at: float | None = None
+    """*-failover ``lagging``: when the cut of replication began (writes since may be lost
+    in the failover; those the primary alone confirmed surely are)."""
 
 
 @dataclass
@@ -378,6 +381,9 @@ class Chaos:
         self.topology: SentinelTopology | ClusterTopology | None = None
         self.kind: NodeKind | None = None
         self.acknowledged: list[str] = []
+        self.delivered: set[str] = set()
+        self.publishes: list[tuple[float, float, str]] = []
+        """(began, ended, outcome) of every publish: ``acked``, ``failed``, ``primary-only``."""
         self.publish_failures = 0
         self.publishing = True
         self.crashes = 0
@@ -472,11 +478,19 @@ class Chaos:
             seq += 1
             live = [n.spec for n in self.nodes if n.running and not n.paused]
             assert self.kind is not None
+            began = time.monotonic()
             event_id = await self.kind.publish(seq, live)
             if event_id is None:
                 self.publish_failures += 1
+                outcome = (
+                    "primary-only"
+                    if f"e{seq}" in self.kind.primary_only
+                    else f"failed: {self.kind.last_error}"
+                )
             else:
                 self.acknowledged.append(event_id)
+                outcome = "acked"
+            self.publishes.append((began, time.monotonic(), outcome))
             next_at = max(next_at + interval, loop.time())
             await asyncio.sleep(next_at - loop.time())
 
@@ -677,12 +691,14 @@ class Chaos:
         assert topology is not None
         key = self.names.leader_key
         if step.mode == "lagging":
+            # From the start of the cut: a write the primary takes from then on may miss the
+            # replica (the link goes down during the call).
+            cut_at = result.cut_at = time.monotonic()
             if isinstance(topology, SentinelTopology):
                 await asyncio.to_thread(topology.cut_replication)
             else:
                 await asyncio.to_thread(topology.cut_replication_of, key)
             self.say(f"  replication cut for {LAGGING_SECONDS:g} s before the kill")
-            cut_at = time.monotonic()
             # A new leadership that only the doomed primary will have known: its term, its
             # key, its fence claims and deliveries are all lost in the failover.
             await leader.command("resign")
@@ -888,9 +904,10 @@ class Chaos:
             violations += self.evaluate(result, records, next_start)
         violations += self.tracebacks()
         events = checks.count_events(self.acknowledged, delivered)
-        primary_only = self.kind.primary_only if self.kind is not None else set()
+        primary_only = set(self.kind.primary_only) if self.kind is not None else set()
         events["primary_only"] = len(primary_only)
         events["primary_only_lost"] = len(primary_only - set(delivered))
+        self.delivered = set(delivered)
         if events["lost"]:
             missing = sorted(set(self.acknowledged) - set(delivered))[:10]
             violations.append(f"{events['lost']} events lost, e.g. {missing}")
@@ -1040,6 +1057,7 @@ class Chaos:
                 "leader_after": None if r.first_elected is None else r.first_elected.t - r.started,
                 "leader": None if r.first_elected is None else r.first_elected.node,
                 "token_before": r.token_before,
+                **self._at_risk(r),
                 "token_after": None
                 if r.first_elected is None
                 else r.first_elected.data.get("token"),
@@ -1073,6 +1091,20 @@ class Chaos:
             },
         }
 
+    def _at_risk(self, result: StepResult) -> dict[str, int | None]:
+        """A lagging failover: the events the primary alone confirmed (WAIT timed out) that
+        were published between the cut of replication and the kill, and how many of them
+        were lost. (A publish still waiting at the kill failed: not among them.)"""
+        if result.cut_at is None or self.kind is None:
+            return {"at_risk": None, "at_risk_lost": None}
+        assert result.cut_at is not None
+        at_risk = {
+            event
+            for event, began in self.kind.primary_only.items()
+            if result.cut_at <= began <= result.started
+        }
+        return {"at_risk": len(at_risk), "at_risk_lost": len(at_risk - self.delivered)}
+
     def _step_at(self, t: float) -> str:
         """The step during which ``t`` fell (from its start to the next one's)."""
         during = None
@@ -1084,7 +1116,11 @@ class Chaos:
         return f"step {during.step.index}, {during.step.kind}"
 
     def save(self, records: list[Record]) -> None:
-        """The whole log, one JSON object a line, for a look after the run."""
+        """The whole log, one JSON object a line, for a look after the run; the publishes
+        apart."""
+        with open(self.log_dir / "publishes.jsonl", "w") as out:
+            for began, ended, outcome in self.publishes:
+                out.write(json.dumps({"began": began, "ended": ended, "outcome": outcome}) + "\n")
         with open(self.log_dir / "records.jsonl", "w") as out:
             for r in records:
                 out.write(
@@ -1154,7 +1190,8 @@ def format_summary(result: ChaosResult) -> str:
         lines += [
             "",
             "  Failovers, from the primary's kill: the new primary answering, the first election,",
-            "  and the fencing token before and after.",
+            "  and the tokens before and after; for a lagging one, the events published while",
+            "  replication was cut (the primary alone confirmed them) and how many were lost.",
             "",
             f"  {'step':>6}  {'fault':<20}{'primary':>10}{'leader':>10}   token",
         ]
@@ -1164,6 +1201,11 @@ def format_summary(result: ChaosResult) -> str:
                 f"  {row['step']:>6}  {row['kind']:<20}{row['primary_after']:>8.2f} s"
                 f"{leader:>10}   {row['token_before']} -> {row['token_after']}"
                 + ("" if row["leader"] is None else f" ({row['leader']})")
+                + (
+                    ""
+                    if row["at_risk"] is None
+                    else f"   lagging: {row['at_risk']} published, {row['at_risk_lost']} lost"
+                )
             )
     ev, px = s["events"], s["proxied"]
     lines += [

@@ -29,6 +29,7 @@ import contextlib
 import json
 import random
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +94,11 @@ class NodeKind(abc.ABC):
         self.prefix = prefix
         self.group = group
         self.redis: Redis | RedisCluster = data_client(redis_url, PUBLISH_TIMEOUT)
-        self.primary_only: set[str] = set()
+        self.last_error = ""
+        """Why the last publish failed (for the publishes' log)."""
+        self.primary_only: dict[str, float] = {}
         """Replicated topologies: events the primary confirmed and its replica did not (in
-        time); not acknowledged (see the module's docstring)."""
+        time), with when the publish began; not acknowledged (see the module's docstring)."""
 
     @abc.abstractmethod
     def command(self, node: NodeSpec) -> list[str]:
@@ -136,19 +139,21 @@ class BuiltinNodes(NodeKind):
     async def publish(self, seq: int, live: Sequence[NodeSpec]) -> str | None:
         event_id = f"e{seq}"
         stream = self.keys["stream"]
+        began = time.monotonic()
         try:
             if self.topology == "standalone":
                 await self.redis.xadd(stream, {"id": event_id})
                 return event_id
             replicas = await self._xadd_and_wait(stream, event_id)
-        except (RedisError, RedisClusterException, OSError):
+        except (RedisError, RedisClusterException, OSError) as exc:
+            self.last_error = repr(exc)
             if isinstance(self.redis, RedisCluster):
                 # The slot may have moved: read the map again before the next publish.
                 with contextlib.suppress(RedisError, RedisClusterException, OSError):
                     await self.redis.nodes_manager.initialize()
             return None
         if replicas < 1:
-            self.primary_only.add(event_id)
+            self.primary_only[event_id] = began
             return None
         return event_id
 
