@@ -14,7 +14,7 @@ replicated topologies run without proxies (Sentinel and Cluster hand out the ser
 addresses), so their faults are their failover (sentinel-failover, cluster-failover: SIGKILL
 the primary, the replica takes over, the old primary comes back as its replica) and the
 faults done to node processes (kill-*, term-*, stop-leader, loop-stall*); builtin nodes only.
-A failover is "prompt" or "lagging" (replication cut for a second first, the leader resigning
+A failover is "prompt" or "lagging" (replication cut for 2 s first, the leader resigning
 in it: the failover loses writes, a leadership among them); on these topologies an event is
 acknowledged once WAIT says its replica has it (see docs/chaos.md).
 

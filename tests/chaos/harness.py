@@ -182,8 +182,8 @@ class StepResult:
     first_elected: Record | None = None
     """*-failover: the first ``elected`` report after the kill."""
     cut_at: float | None = None
-    """*-failover ``lagging``: when the cut of replication began (writes since may be lost
-    in the failover; those the primary alone confirmed surely are)."""
+    """*-failover ``lagging``: when the replica's link was down (writes since are surely lost
+    in the failover)."""
 
 
 @dataclass
@@ -691,13 +691,14 @@ class Chaos:
         assert topology is not None
         key = self.names.leader_key
         if step.mode == "lagging":
-            # From the start of the cut: a write the primary takes from then on may miss the
-            # replica (the link goes down during the call).
-            cut_at = result.cut_at = time.monotonic()
             if isinstance(topology, SentinelTopology):
                 await asyncio.to_thread(topology.cut_replication)
             else:
                 await asyncio.to_thread(topology.cut_replication_of, key)
+            # The replica's link is down from here: a write the primary takes from now on is
+            # surely lost in the failover. (One taken during the cut may have reached the
+            # replica with its acknowledgement lost: WAIT said 0, the replica has it.)
+            cut_at = result.cut_at = time.monotonic()
             self.say(f"  replication cut for {LAGGING_SECONDS:g} s before the kill")
             # A new leadership that only the doomed primary will have known: its term, its
             # key, its fence claims and deliveries are all lost in the failover.
