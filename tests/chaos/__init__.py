@@ -10,6 +10,9 @@
   waits and lease reconstruction from the rest of :mod:`harness`;
 - :mod:`.workload`: the pluggable part: which nodes run, how events are published and counted.
 
+``--topology sentinel|cluster`` runs on a replicated Redis (:mod:`harness.topologies`),
+without proxies, with the topology's failover and the process faults (see :mod:`.faults`).
+
 Run it with ``python -m tests.chaos [--seed S] [--duration SECONDS]`` (``--help`` for more),
 or through pytest: ``pytest tests/chaos`` (the short run, about two minutes; ``CHAOS_SEED``
 and ``CHAOS_DURATION`` override its seed and length).

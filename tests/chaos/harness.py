@@ -17,6 +17,16 @@ gracefully (each must hand over and exit cleanly), and checks the whole log
 whole group) in ``finally``, and also when this process dies (``PR_SET_PDEATHSIG``, the Redis
 server included); every wait has a timeout, and a watchdog bounds the whole run. The
 processes, the reports and the waits are :mod:`harness`'s, shared with the benchmarks.
+
+``topology`` ``sentinel`` or ``cluster`` runs the same nodes, workload and checks on a
+replicated Redis instead (:mod:`harness.topologies`: a primary, a replica and 3 sentinels; or
+3 primaries with a replica each), which the nodes reach by its own URL (``redis+sentinel://``,
+``redis+cluster://``), without proxies: Sentinel names the primary's real address, and a
+cluster's slot map and MOVED replies the real nodes, so a proxy would see only part of the
+traffic. Those runs inject their topology's failover and the faults done to node processes
+(:data:`~tests.chaos.faults.TOPOLOGY_FAULTS`); see :meth:`Chaos._failover` for what is
+measured and checked, and :mod:`tests.chaos.workload` for what counts as an acknowledged event
+when replication is asynchronous.
 """
 
 from __future__ import annotations
@@ -46,11 +56,21 @@ from fastapi_leader.testing import RedisServer
 from fastapi_leader.transport.base import Names
 from harness import processes
 from harness.reports import parse
+from harness.topologies import ClusterTopology, SentinelTopology, heal_link
 from harness.waiting import Changes, until
 
 from . import checks
 from .checks import Record, View
-from .faults import KINDS, LOOP_STALL_LIMIT, Step, describe, schedule
+from .faults import (
+    KINDS,
+    LAGGING_SECONDS,
+    LOOP_STALL_LIMIT,
+    TOPOLOGY_FAULTS,
+    Step,
+    check_faults,
+    describe,
+    schedule,
+)
 from .proxy import CONNECTION_KINDS, FaultProxy
 from .workload import NODE_KINDS, NodeKind, NodeSpec, direct_client
 
@@ -88,7 +108,12 @@ class ChaosConfig:
     """Seconds of faults; startup, the drain and the shutdown come on top (about 15 s)."""
     nodes: int = 3
     kind: str = "builtin"
-    faults: Sequence[str] = KINDS
+    faults: Sequence[str] | None = None
+    """The fault kinds to mix; by default every one the topology can run."""
+    topology: str = "standalone"
+    """``standalone`` (one server behind fault proxies), ``sentinel`` or ``cluster``."""
+    steps: int | None = None
+    """Stop after this many faults (even if time is left)."""
     sabotage: str | None = None
     """Run every node with ``CHAOS_SABOTAGE`` set to this (builtin nodes only)."""
     leader_bound: float = 5.0
@@ -101,16 +126,29 @@ class ChaosConfig:
     log_dir: Path | None = None
     """Where node logs go; by default a temporary directory, removed after a clean run."""
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The fault kinds of this run (``faults``, or the topology's default)."""
+        if self.faults is None:
+            return TOPOLOGY_FAULTS.get(self.topology, KINDS)
+        return tuple(self.faults)
+
     def replay(self) -> str:
         """The command that replays this run: every option that shapes the schedule or the
         nodes, where it differs from the command line's default."""
         command = f"python -m tests.chaos --seed {self.seed} --duration {self.duration:g}"
+        if self.topology != ChaosConfig.topology:
+            command += f" --topology {self.topology}"
         if self.kind != ChaosConfig.kind:
             command += f" --kind {self.kind}"
         if self.nodes != ChaosConfig.nodes:
             command += f" --nodes {self.nodes}"
-        if tuple(self.faults) != tuple(KINDS):
-            command += f" --faults {','.join(self.faults)}"
+        if self.kinds != TOPOLOGY_FAULTS.get(self.topology, KINDS):
+            command += f" --faults {','.join(self.kinds)}"
+        if self.steps is not None:
+            command += f" --steps {self.steps}"
+        if self.sabotage:
+            command += f" --sabotage {self.sabotage}"
         return command
 
     out: TextIO = field(default_factory=lambda: sys.stdout)
@@ -134,6 +172,18 @@ class StepResult:
     everyone) named the leader."""
     led: bool = False
     """loop-stall*: the stalled node was the leader when the stall began."""
+    promoted: float | None = None
+    """*-failover: when the new primary answered as one (``started`` is the kill)."""
+    restore_window: tuple[float, float] | None = None
+    """*-failover: from the old primary's restart to a moment after the topology was whole
+    again; no leadership may change in it."""
+    token_before: int | None = None
+    """*-failover: the leader's fencing token when its primary was killed."""
+    first_elected: Record | None = None
+    """*-failover: the first ``elected`` report after the kill."""
+    cut_at: float | None = None
+    """*-failover ``lagging``: when the replica's link was down (writes since are surely lost
+    in the failover)."""
 
 
 @dataclass
@@ -182,11 +232,12 @@ def _free_port() -> int:
 class NodeProcess:
     """One node slot: a fixed id, proxy and port; a new process (a new life) per start."""
 
-    def __init__(self, harness: Chaos, index: int, proxy: FaultProxy) -> None:
+    def __init__(self, harness: Chaos, index: int, proxy: FaultProxy | None, url: str) -> None:
         self.harness = harness
         self.name = f"n{index}"
         self.proxy = proxy
-        self.spec = NodeSpec(self.name, proxy.url, _free_port())
+        """The node's fault proxy (standalone runs); None: the node reaches Redis at ``url``."""
+        self.spec = NodeSpec(self.name, url, _free_port())
         self.life = 0
         self.process: asyncio.subprocess.Process | None = None
         self.reader: asyncio.Task[None] | None = None
@@ -208,7 +259,7 @@ class NodeProcess:
         stderr_path = harness.log_dir / f"{self.name}.{self.life}.stderr"
         self.stderr_paths.append(stderr_path)
         env = processes.clean_env(
-            LEADER_REDIS_URL=self.proxy.url,
+            LEADER_REDIS_URL=self.spec.redis_url,
             LEADER_GROUP=harness.group,
             LEADER_CHANNEL_PREFIX=PREFIX,
             LEADER_NODE_ID=self.name,
@@ -217,6 +268,9 @@ class NodeProcess:
         )
         if harness.config.sabotage:
             env["CHAOS_SABOTAGE"] = harness.config.sabotage
+            # The long-lease sabotage cuts the key's TTL on a connection no fault touches.
+            assert harness.redis is not None
+            env["CHAOS_DIRECT_REDIS_URL"] = harness.redis.url
         with _open_log(stderr_path) as stderr:
             self.process = await processes.spawn(
                 kind.command(self.spec),
@@ -324,8 +378,12 @@ class Chaos:
         self.nodes: list[NodeProcess] = []
         self.proxies: list[FaultProxy] = []
         self.redis: RedisServer | None = None
+        self.topology: SentinelTopology | ClusterTopology | None = None
         self.kind: NodeKind | None = None
         self.acknowledged: list[str] = []
+        self.delivered: set[str] = set()
+        self.publishes: list[tuple[float, float, str]] = []
+        """(began, ended, outcome) of every publish: ``acked``, ``failed``, ``primary-only``."""
         self.publish_failures = 0
         self.publishing = True
         self.crashes = 0
@@ -420,18 +478,31 @@ class Chaos:
             seq += 1
             live = [n.spec for n in self.nodes if n.running and not n.paused]
             assert self.kind is not None
+            began = time.monotonic()
             event_id = await self.kind.publish(seq, live)
             if event_id is None:
                 self.publish_failures += 1
+                outcome = (
+                    "primary-only"
+                    if f"e{seq}" in self.kind.primary_only
+                    else f"failed: {self.kind.last_error}"
+                )
             else:
                 self.acknowledged.append(event_id)
+                outcome = "acked"
+            self.publishes.append((began, time.monotonic(), outcome))
             next_at = max(next_at + interval, loop.time())
             await asyncio.sleep(next_at - loop.time())
 
     async def stop_publishing(self, publisher: asyncio.Task[None]) -> None:
         """Stop the publisher: by its flag, and by cancelling it (again and again: before
         Python 3.12 a cancellation that lands as a timeout expires inside redis-py can be
-        turned into a timeout error, which the publisher counts as a failed publish)."""
+        turned into a timeout error, which the publisher counts as a failed publish). A
+        publisher that died before is a violation: the events would prove nothing."""
+        if publisher.done() and self.publishing:
+            error = None if publisher.cancelled() else publisher.exception()
+            if error is not None:
+                self.violation(f"the publisher died: {error!r}")
         self.publishing = False
         for _ in range(50):
             if publisher.done():
@@ -520,6 +591,8 @@ class Chaos:
             target.signal(signal.SIGSTOP)
             await asyncio.sleep(step.duration)
             result.ended = target.signal(signal.SIGCONT)
+        elif kind in ("sentinel-failover", "cluster-failover"):
+            await self._failover(step, result, leader)
         elif kind in ("redis-restart", "redis-wipe"):
             result.ended = await self._restart_redis(step)
         elif kind == "redis-sigstop":
@@ -536,6 +609,7 @@ class Chaos:
         else:
             assert target is not None
             proxy = target.proxy
+            assert proxy is not None, f"{kind} needs the standalone topology's proxies"
             if kind == "net-cut":
                 proxy.cut(CONNECTION_KINDS, step.mode)
             elif kind == "net-cut-subscriber":
@@ -581,6 +655,101 @@ class Chaos:
             self.stalls.append((target.name, began.t, ended.t))
         return float(ended.t)
 
+    async def _failover(self, step: Step, result: StepResult, leader: NodeProcess) -> None:
+        """sentinel-failover / cluster-failover: SIGKILL the primary (of the group's slot),
+        wait until its replica answers as the primary, wait ``step.duration``, then restart
+        the killed server as the new primary's replica and wait until the topology is whole
+        (a next failover needs a replica to promote).
+
+        The fault "ends" (``ended``, from which the recovery bounds count) when the new
+        primary answers: before that nobody can write, so nobody can lead. The restore is
+        watched like a node's return: no leadership may change while the replica comes back
+        and syncs. Recorded for the figures: the kill, the promotion, the first election after
+        the kill and the tokens before and after.
+
+        ``lagging`` (the step's mode) first cuts replication for
+        :data:`~tests.chaos.faults.LAGGING_SECONDS` while the group keeps writing, and has
+        the leader resign in it, so that the failover surely loses writes, as an asynchronous
+        failover may, and among them a whole leadership: its term (the counter's INCR), its
+        key, its fence claims and its deliveries; ``prompt`` kills the primary of a replica
+        that is up to date (on loopback it lags by well under a millisecond).
+
+        What cannot hold across an asynchronous failover, and is therefore not counted: an
+        event that the killed primary had acknowledged and not yet passed to its replica is
+        gone from the new primary (Redis lost it, no fence can bring it back: the library's
+        documented limit); so the harness acknowledges an event only once ``WAIT`` says the
+        replica has it, and counts the others apart (``primary_only``: a lagging failover
+        loses some of them, see :mod:`tests.chaos.workload`). Everything else is checked as
+        on one server, and holds: the leader's lease (0.4 s) ends before a replica can be
+        promoted (failure detection alone takes 1 s), so no two leases overlap; the term
+        counter that the lost leadership set back is raised again by the next candidate's
+        floor (the highest term it heard), so tokens only grow; and the mover's deliveries are lost
+        only together with the checkpoint that covers them (each fenced script is one atomic
+        write, replicated whole or not at all), so the next leader redelivers exactly those.
+        """
+        topology = self.topology
+        assert topology is not None
+        key = self.names.leader_key
+        if step.mode == "lagging":
+            if isinstance(topology, SentinelTopology):
+                await asyncio.to_thread(topology.cut_replication)
+            else:
+                await asyncio.to_thread(topology.cut_replication_of, key)
+            # The replica's link is down from here: a write the primary takes from now on is
+            # surely lost in the failover. (One taken during the cut may have reached the
+            # replica with its acknowledgement lost: WAIT said 0, the replica has it.)
+            cut_at = result.cut_at = time.monotonic()
+            self.say(f"  replication cut for {LAGGING_SECONDS:g} s before the kill")
+            # A new leadership that only the doomed primary will have known: its term, its
+            # key, its fence claims and deliveries are all lost in the failover.
+            await leader.command("resign")
+
+            def successor() -> NodeProcess | None:
+                agreed = self.leader()
+                return agreed if agreed is not None and agreed is not leader else None
+
+            if await self.wait_for(successor, SETTLE_TIMEOUT) is None:
+                self.violation(f"step {step.index}: {leader.name} resigned, nobody took over")
+            leader = self.leader() or leader
+            self.say(f"  {leader.name} leads (token {self.view_token(leader)}) on the cut primary")
+            await asyncio.sleep(max(0.0, cut_at + LAGGING_SECONDS - time.monotonic()))
+        result.token_before = self.view_token(leader)
+        result.started = time.monotonic()
+        if isinstance(topology, SentinelTopology):
+            victim = await asyncio.to_thread(topology.kill_primary)
+            self.say(f"  primary :{victim.port} killed")
+            new = await asyncio.to_thread(topology.wait_for_failover)
+            result.promoted = result.ended = time.monotonic()
+            self.say(f"  :{new.port} promoted after {result.promoted - result.started:.2f} s")
+            await self.settle(f"step {step.index}")
+            await asyncio.sleep(step.duration)
+            restart = time.monotonic()
+            await asyncio.to_thread(heal_link, new)
+            await asyncio.to_thread(topology.restore, victim)
+        else:
+            victim = await asyncio.to_thread(topology.kill_primary_of, key)
+            self.say(f"  primary :{victim.port} of the group's slot killed")
+            new = await asyncio.to_thread(topology.wait_for_new_primary_of, key, victim)
+            result.promoted = result.ended = time.monotonic()
+            self.say(f"  :{new.port} promoted after {result.promoted - result.started:.2f} s")
+            await self.settle(f"step {step.index}")
+            await asyncio.sleep(step.duration)
+            restart = time.monotonic()
+            await asyncio.to_thread(heal_link, new)
+            await asyncio.to_thread(topology.restore, victim, new)
+        self.say(f"  :{victim.port} back as a replica after {time.monotonic() - restart:.2f} s")
+        result.restarted = restart
+        await asyncio.sleep(JOIN_WATCH)
+        result.restore_window = (restart, time.monotonic())
+
+    def view_token(self, node: NodeProcess) -> int | None:
+        """The fencing token of ``node``'s current leadership, by its last ``elected``."""
+        for record in reversed(self.records):
+            if record.node == node.name and record.life == node.life and record.ev == "elected":
+                token = record.data.get("token")
+                return None if token is None else int(token)
+        return None
+
     async def _restart_redis(self, step: Step) -> float:
         redis = self.redis
         assert redis is not None
@@ -610,30 +779,24 @@ class Chaos:
             f"{config.kind} nodes, group {self.group}; logs in {self.log_dir}"
         )
         self.say(f"replay: {config.replay()}")
-        data_dir = self.log_dir / "redis-data"
-        data_dir.mkdir(exist_ok=True)
-        self.redis = RedisServer(
-            binary=_dying_with_us(self.log_dir),
-            extra_args=["--appendonly", "yes", "--appendfsync", "always", "--dir", str(data_dir)],
-        )
         publisher: asyncio.Task[None] | None = None
         observed_until = time.monotonic()
         delivered: list[str] = []
         try:
-            await asyncio.to_thread(self.redis.start)
-            self.kind = NODE_KINDS[config.kind](self.redis.url, PREFIX, self.group)
-            for index in range(1, config.nodes + 1):
-                proxy = await FaultProxy(self.redis.port).start()
-                self.proxies.append(proxy)
-                self.nodes.append(NodeProcess(self, index, proxy))
+            if config.topology == "standalone":
+                await self._start_standalone()
+            else:
+                await self._start_topology()
             await asyncio.gather(*(node.spawn() for node in self.nodes))
             joined = await asyncio.gather(*(self.joined(node) for node in self.nodes))
             if all(joined) and await self.settle("startup"):
                 publisher = asyncio.create_task(self.publish_forever())
                 self.say(f"leader {self.view.agreed()}; faults begin")
                 deadline = time.monotonic() + config.duration
-                for step in schedule(config.seed, config.faults):
+                for step in schedule(config.seed, config.kinds):
                     if time.monotonic() >= deadline:
+                        break
+                    if config.steps is not None and len(self.steps) >= config.steps:
                         break
                     if self.view.agreed() is None and not await self.settle(
                         f"step {step.index - 1}"
@@ -652,6 +815,37 @@ class Chaos:
                 await self.stop_publishing(publisher)
             await self.shutdown()
         return self.finish(observed_until, delivered)
+
+    async def _start_standalone(self) -> None:
+        data_dir = self.log_dir / "redis-data"
+        data_dir.mkdir(exist_ok=True)
+        self.redis = RedisServer(
+            binary=_dying_with_us(self.log_dir),
+            extra_args=["--appendonly", "yes", "--appendfsync", "always", "--dir", str(data_dir)],
+        )
+        await asyncio.to_thread(self.redis.start)
+        self.kind = NODE_KINDS[self.config.kind](self.redis.url, PREFIX, self.group)
+        for index in range(1, self.config.nodes + 1):
+            proxy = await FaultProxy(self.redis.port).start()
+            self.proxies.append(proxy)
+            self.nodes.append(NodeProcess(self, index, proxy, proxy.url))
+
+    async def _start_topology(self) -> None:
+        # Every server and sentinel dies with the harness, as the standalone server does.
+        binary = _dying_with_us(self.log_dir)
+        topology: SentinelTopology | ClusterTopology = (
+            SentinelTopology(binary=binary)
+            if self.config.topology == "sentinel"
+            else ClusterTopology(binary=binary)
+        )
+        began = time.monotonic()
+        # Assigned first: shutdown() stops whatever a setup that fails half-way started.
+        self.topology = topology
+        await asyncio.to_thread(topology.__enter__)
+        self.say(f"{self.config.topology} topology up in {time.monotonic() - began:.1f} s")
+        self.kind = NODE_KINDS[self.config.kind](topology.url, PREFIX, self.group)
+        for index in range(1, self.config.nodes + 1):
+            self.nodes.append(NodeProcess(self, index, None, topology.url))
 
     async def shutdown(self) -> None:
         """Stop every node gracefully (SIGTERM; each must exit 0), then everything else."""
@@ -686,6 +880,8 @@ class Chaos:
                     with contextlib.suppress(Exception):
                         self.redis.resume()
                 await asyncio.to_thread(self.redis.stop)
+            if self.topology is not None:
+                await asyncio.to_thread(self.topology.__exit__, None, None, None)
 
     # ---- verdict ---------------------------------------------------------------------------
 
@@ -709,6 +905,10 @@ class Chaos:
             violations += self.evaluate(result, records, next_start)
         violations += self.tracebacks()
         events = checks.count_events(self.acknowledged, delivered)
+        primary_only = set(self.kind.primary_only) if self.kind is not None else set()
+        events["primary_only"] = len(primary_only)
+        events["primary_only_lost"] = len(primary_only - set(delivered))
+        self.delivered = set(delivered)
         if events["lost"]:
             missing = sorted(set(self.acknowledged) - set(delivered))[:10]
             violations.append(f"{events['lost']} events lost, e.g. {missing}")
@@ -717,6 +917,8 @@ class Chaos:
             violations.append(f"{events['duplicated']} duplicate deliveries, e.g. {twice}")
         if not self.steps:
             violations.append("no fault was injected (the group never agreed on a leader?)")
+        elif not events["published"]:
+            violations.append("no event was acknowledged: the workload checked nothing")
 
         summary = self.summarize(records, observed_until, duals, events)
         self.save(records)
@@ -769,6 +971,19 @@ class Chaos:
                         records, result.target, result.led, *stall, next_start, LOOP_STALL_LIMIT
                     )
                 ]
+        if result.restore_window is not None:
+            start, end = result.restore_window
+            for record in checks.disruptions(records, start, end):
+                problems.append(
+                    f"{what}: the old primary came back as a replica and the leadership "
+                    f"changed: {record.node} elected (term {record.data.get('token')}) at "
+                    f"{record.t:.3f}"
+                )
+        if result.promoted is not None:
+            result.first_elected = next(
+                (r for r in records if r.ev == "elected" and result.started <= r.t <= until),
+                None,
+            )
         if result.join_window is not None:
             start, end = result.join_window
             joined = next(
@@ -835,8 +1050,26 @@ class Chaos:
         # From one leadership's end to the next one's start: the safety margin (< 0: overlap).
         margins = [b.start - a.end for a, b in itertools.pairwise(held)]
         crashes = self.crashes
+        failovers = [
+            {
+                "step": r.step.index,
+                "kind": r.step.kind,
+                "primary_after": r.promoted - r.started,
+                "leader_after": None if r.first_elected is None else r.first_elected.t - r.started,
+                "leader": None if r.first_elected is None else r.first_elected.node,
+                "token_before": r.token_before,
+                **self._at_risk(r),
+                "token_after": None
+                if r.first_elected is None
+                else r.first_elected.data.get("token"),
+            }
+            for r in self.steps
+            if r.promoted is not None
+        ]
         return {
             "seed": self.config.seed,
+            "topology": self.config.topology,
+            "failovers": failovers,
             "duration": observed_until - self.started,
             "faults": dict(sorted(by_kind.items())),
             "steps": len(self.steps),
@@ -859,6 +1092,20 @@ class Chaos:
             },
         }
 
+    def _at_risk(self, result: StepResult) -> dict[str, int | None]:
+        """A lagging failover: the events the primary alone confirmed (WAIT timed out) that
+        were published between the cut of replication and the kill, and how many of them
+        were lost. (A publish still waiting at the kill failed: not among them.)"""
+        if result.cut_at is None or self.kind is None:
+            return {"at_risk": None, "at_risk_lost": None}
+        assert result.cut_at is not None
+        at_risk = {
+            event
+            for event, began in self.kind.primary_only.items()
+            if result.cut_at <= began <= result.started
+        }
+        return {"at_risk": len(at_risk), "at_risk_lost": len(at_risk - self.delivered)}
+
     def _step_at(self, t: float) -> str:
         """The step during which ``t`` fell (from its start to the next one's)."""
         during = None
@@ -870,7 +1117,11 @@ class Chaos:
         return f"step {during.step.index}, {during.step.kind}"
 
     def save(self, records: list[Record]) -> None:
-        """The whole log, one JSON object a line, for a look after the run."""
+        """The whole log, one JSON object a line, for a look after the run; the publishes
+        apart."""
+        with open(self.log_dir / "publishes.jsonl", "w") as out:
+            for began, ended, outcome in self.publishes:
+                out.write(json.dumps({"began": began, "ended": ended, "outcome": outcome}) + "\n")
         with open(self.log_dir / "records.jsonl", "w") as out:
             for r in records:
                 out.write(
@@ -922,7 +1173,7 @@ def format_summary(result: ChaosResult) -> str:
     lines = [
         "",
         f"chaos summary: seed {s['seed']}, {s['steps']} faults in {s['duration']:.0f} s, "
-        f"{result.config.nodes} {result.config.kind} nodes",
+        f"{result.config.nodes} {result.config.kind} nodes, {s['topology']} Redis",
         "",
         "  After each fault ends (max over its occurrences): one leader after, every node",
         "  naming it after; for faults on the leader, a new leader elected after (from the",
@@ -936,6 +1187,27 @@ def format_summary(result: ChaosResult) -> str:
             f"  {kind:<22}{row['count']:>6}{row['leader_max']:>10.2f} s{row['agreed_max']:>10.2f} s"
             + ("           -" if failover is None else f"{failover:>10.2f} s")
         )
+    if s["failovers"]:
+        lines += [
+            "",
+            "  Failovers, from the primary's kill: the new primary answering, the first election,",
+            "  and the tokens before and after; for a lagging one, the events published while",
+            "  replication was cut (the primary alone confirmed them) and how many were lost.",
+            "",
+            f"  {'step':>6}  {'fault':<20}{'primary':>10}{'leader':>10}   token",
+        ]
+        for row in s["failovers"]:
+            leader = "never" if row["leader_after"] is None else f"{row['leader_after']:.2f} s"
+            lines.append(
+                f"  {row['step']:>6}  {row['kind']:<20}{row['primary_after']:>8.2f} s"
+                f"{leader:>10}   {row['token_before']} -> {row['token_after']}"
+                + ("" if row["leader"] is None else f" ({row['leader']})")
+                + (
+                    ""
+                    if row["at_risk"] is None
+                    else f"   lagging: {row['at_risk']} published, {row['at_risk_lost']} lost"
+                )
+            )
     ev, px = s["events"], s["proxied"]
     lines += [
         "",
@@ -950,10 +1222,24 @@ def format_summary(result: ChaosResult) -> str:
         f"{ev['duplicated']} duplicated",
         f"                             ({s['publish_failures']} publishes failed, "
         f"{ev['unacknowledged_delivered']} of them delivered all the same)",
+        *(
+            [
+                f"                             ({ev['primary_only']} confirmed by the primary "
+                f"alone, not by WAIT; {ev['primary_only_lost']} of them lost)"
+            ]
+            if s["topology"] != "standalone"
+            else []
+        ),
         f"  fenced off                 {s['fence_refusals']} writes of stale leaderships",
         f"  node crashes               {s['crashes']}",
-        f"  proxied connections        {px['subscriber']} subscriber, {px['command']} command; "
-        f"{px['reset']} reset, {px['silenced']} made silent",
+        *(
+            [
+                f"  proxied connections        {px['subscriber']} subscriber, "
+                f"{px['command']} command; {px['reset']} reset, {px['silenced']} made silent"
+            ]
+            if s["topology"] == "standalone"
+            else []  # no proxies there
+        ),
         f"  violations                 {len(result.violations)}",
     ]
     for violation in result.violations:
@@ -969,6 +1255,12 @@ async def run_chaos(config: ChaosConfig) -> ChaosResult:
         raise ValueError(f"unknown node kind {config.kind!r}; known: {', '.join(NODE_KINDS)}")
     if config.sabotage and config.kind != "builtin":
         raise ValueError("sabotage needs the builtin nodes (--kind builtin)")
+    check_faults(config.kinds, config.topology)
+    if config.topology != "standalone" and config.kind != "builtin":
+        raise ValueError(f"the {config.topology} topology runs the builtin nodes only")
+    if config.sabotage and config.topology != "standalone":
+        # long-lease cuts the key's TTL on a plain connection to the one server.
+        raise ValueError("sabotage runs on the standalone topology only")
     own_dir = config.log_dir is None
     log_dir = Path(tempfile.mkdtemp(prefix="chaos-")) if config.log_dir is None else config.log_dir
     log_dir.mkdir(parents=True, exist_ok=True)

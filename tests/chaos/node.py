@@ -14,8 +14,8 @@ The harness's commands on stdin (``stall``) are those of :mod:`tests.chaos.steer
 
 - ``long-lease``: the node trusts its lease for 2 s while Redis's key lives for the configured
   lease only (as a node that ignores its lease's expiry would): two valid leaderships overlap
-  as soon as the leader is cut off or paused (an observer cuts the key's TTL back right after
-  each acquire and renewal);
+  as soon as the leader is cut off or paused (a thread on a connection straight to Redis,
+  ``CHAOS_DIRECT_REDIS_URL``, keeps cutting the key's TTL back; see :class:`_KeyCutter`);
 - ``unfenced-work``: the mover reads and writes without fencing tokens: a leader paused
   between its read and its write delivers events a second time;
 - ``raise-on-demote``: an ``on_demoted`` callback raises (the library logs a traceback).
@@ -30,14 +30,18 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 from redis import Redis as BlockingRedis
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster, Sentinel
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from fastapi_leader import LeaderElection, LeaderSettings
-from fastapi_leader.events import ElectionObserver, LeaseAcquired, LeaseRenewed
+from fastapi_leader.redis_url import parse_broker_url
 from fastapi_leader.transport.base import Names
 from harness.reporter import NodeReporter
 from harness.reports import emit
@@ -61,8 +65,12 @@ REDIS_TIMEOUT = 0.5
 
 
 def stream_keys(prefix: str, group: str) -> dict[str, str]:
-    """The workload's keys, shared by the harness (which publishes and counts) and the nodes."""
-    base = f"{prefix}:{group}:chaos"
+    """The workload's keys, shared by the harness (which publishes and counts) and the nodes.
+    Under the group's base, ``<prefix>:{<group>}``: on Redis Cluster the hash tag puts them
+    in the group's slot, with the election's keys, so that one failover of that slot's
+    primary hits the election and the workload together, and the fenced scripts, whose keys
+    must share a slot, run there."""
+    base = f"{Names(prefix, group, '').base}:chaos"
     return {
         "stream": f"{base}:events",
         "delivered": f"{base}:delivered",
@@ -94,10 +102,37 @@ return #ARGV - 2
 """
 
 
+def data_client(redis_url: str, timeout: float) -> Redis | RedisCluster:
+    """A client of the workload's data for any of the library's URLs: one server, a Sentinel
+    service's primary (each connection asks the sentinels, and a READONLY reply drops it:
+    it follows a failover), or a Redis Cluster (a connection error makes the next command
+    read the slot map again). Nothing is retried: a retried write whose reply was lost would
+    be done twice, a duplicate that no leadership made."""
+    url = parse_broker_url(redis_url)
+    options: dict[str, object] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if url.topology == "cluster":
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in url.hosts],
+            require_full_coverage=False,
+            **options,  # type: ignore[arg-type]
+        )
+    if url.topology == "sentinel":
+        assert url.service_name is not None
+        sentinel = Sentinel(list(url.hosts), sentinel_kwargs=dict(options))
+        return sentinel.master_for(url.service_name, db=url.db, **options)
+    return Redis.from_url(redis_url, **options)  # type: ignore[arg-type]
+
+
 class StreamMover:
     """The leader-only job: stream entries after the checkpoint go to the delivery list."""
 
-    def __init__(self, redis: Redis, keys: dict[str, str], *, fenced: bool = True) -> None:
+    def __init__(
+        self, redis: Redis | RedisCluster, keys: dict[str, str], *, fenced: bool = True
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.fenced = fenced
@@ -162,34 +197,70 @@ def _event_id(fields: dict[bytes, bytes] | list[bytes]) -> bytes:
     return pairs[b"id"]
 
 
-class _ShortKey(ElectionObserver):
-    """long-lease: the core counts a long lease; Redis's key keeps the real one. Right after
-    each acquire or renewal (which gave the key the long TTL) the key's TTL is cut back, on the
-    election thread, before it does anything else (a blocking command: this node is broken on
-    purpose)."""
+# KEYS: the leader key. ARGV: this node's holder prefix ("n1:"), the real lease (ms). Cuts the
+# key's TTL back to the real lease if it is this node's and lives longer.
+_CUT_TTL = """
+local value = redis.call('GET', KEYS[1])
+if not value or string.sub(value, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
+if redis.call('PTTL', KEYS[1]) > tonumber(ARGV[2]) then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return 1
+end
+return 0
+"""
+# How often the cutter looks: the key outlives the real lease by at most this (and a round
+# trip), far less than the long lease's surplus.
+CUT_INTERVAL = 0.01
 
-    def __init__(self, settings: LeaderSettings) -> None:
-        self.key = Names(settings.channel_prefix, settings.group, settings.node_id or "").leader_key
+
+class _KeyCutter:
+    """long-lease: the core counts a long lease; Redis's key keeps the real one.
+
+    A thread of its own, on a connection straight to Redis (``CHAOS_DIRECT_REDIS_URL``, not
+    the node's fault proxy), cuts the key's TTL back every :data:`CUT_INTERVAL`. Cutting it
+    after each renewal the node saw, through the proxy, let the sabotage slip now and then:
+    when the net-cut began between a renewal and its cut, or swallowed the reply of a renewal
+    that Redis had applied, the key kept the long TTL, expired with the node's own lease, and
+    no overlap was there to catch.
+    """
+
+    def __init__(self, settings: LeaderSettings, direct_url: str) -> None:
+        names = Names(settings.channel_prefix, settings.group, settings.node_id or "")
+        self.key = names.leader_key
+        self.holder_prefix = f"{settings.node_id}:"
         self.ttl_ms = int(settings.lease * 1000)
         self.client = BlockingRedis.from_url(
-            settings.redis_url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
+            direct_url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
         )
+        self._script = self.client.register_script(_CUT_TTL)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chaos-key-cutter", daemon=True)
 
-    def _cut(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            self.client.pexpire(self.key, self.ttl_ms)
+    def start(self) -> None:
+        self._thread.start()
 
-    def lease_acquired(self, event: LeaseAcquired) -> None:
-        self._cut()
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+        self.client.close()
 
-    def lease_renewed(self, event: LeaseRenewed) -> None:
-        self._cut()
+    def _run(self) -> None:
+        while not self._stop.wait(CUT_INTERVAL):
+            with contextlib.suppress(RedisError, OSError):
+                self._script(keys=[self.key], args=[self.holder_prefix, self.ttl_ms])
 
 
-def _sabotage_lease(election: LeaderElection, settings: LeaderSettings) -> None:
-    """long-lease: the core is built from these timings at start."""
-    election.timing = dataclasses.replace(election.timing, lease=SABOTAGED_LEASE)
-    election.add_observer(_ShortKey(settings))
+def _sabotage_lease(election: LeaderElection, settings: LeaderSettings) -> _KeyCutter:
+    """long-lease: the core is built from these timings at start. Its member expiry grows
+    with the lease: at the default 1 s, the leader's "cannot hear itself" check would step it
+    down a second after the cut, about when its successor is elected, and the overlap could
+    shrink to nothing; so the node trusts its lease until it finds its subscription dead
+    (~1.5 s) or the long lease ends."""
+    election.timing = dataclasses.replace(
+        election.timing, lease=SABOTAGED_LEASE, member_expiry=SABOTAGED_LEASE
+    )
+    direct = os.environ.get("CHAOS_DIRECT_REDIS_URL") or settings.redis_url
+    return _KeyCutter(settings, direct)
 
 
 async def main() -> None:
@@ -200,13 +271,8 @@ async def main() -> None:
     reporter = NodeReporter()
     election = LeaderElection(settings, observer=reporter)
     reporter.attach(election)
-    if sabotage == "long-lease":
-        _sabotage_lease(election, settings)
-    redis = Redis.from_url(
-        settings.redis_url,
-        socket_timeout=REDIS_TIMEOUT,
-        socket_connect_timeout=REDIS_TIMEOUT,
-    )
+    cutter = _sabotage_lease(election, settings) if sabotage == "long-lease" else None
+    redis = data_client(settings.redis_url, REDIS_TIMEOUT)
     mover = StreamMover(
         redis,
         stream_keys(settings.channel_prefix, settings.group),
@@ -227,9 +293,11 @@ async def main() -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    watcher = asyncio.create_task(follow_commands(stop.set))
+    watcher = asyncio.create_task(follow_commands(stop.set, election.resign))
     emit("armed", sabotage=sabotage or None)
     try:
+        if cutter is not None:
+            cutter.start()
         await election.start()
         emit("joined")
         await stop.wait()
@@ -237,6 +305,8 @@ async def main() -> None:
         watcher.cancel()
         await election.stop()
         emit("left")
+        if cutter is not None:
+            cutter.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(redis.aclose(), 2.0)
     emit("exiting")

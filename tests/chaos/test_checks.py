@@ -13,8 +13,16 @@ import pytest
 
 from harness.leases import Record
 from tests.chaos import checks
-from tests.chaos.faults import KINDS, LOOP_STALL_LIMIT, schedule
-from tests.chaos.harness import find_tracebacks
+from tests.chaos.__main__ import parse_args
+from tests.chaos.faults import (
+    KINDS,
+    LOOP_STALL_LIMIT,
+    PROCESS_KINDS,
+    TOPOLOGY_FAULTS,
+    check_faults,
+    schedule,
+)
+from tests.chaos.harness import ChaosConfig, find_tracebacks
 from tests.chaos.proxy import classify
 from tests.test_harness_leases import END, lead, rec
 
@@ -225,3 +233,43 @@ def test_classify(data: bytes, kind: str | None) -> None:
 def test_classify_says_where_the_handshake_ends() -> None:
     handshake = resp("CLIENT", "SETINFO", "LIB-NAME", "redis-py")
     assert classify(handshake + resp("SUB")[:4]) == (None, len(handshake))
+
+
+# ---- topologies ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+def test_a_topology_runs_its_failover_and_the_process_faults_only(topology: str) -> None:
+    kinds = TOPOLOGY_FAULTS[topology]
+    assert f"{topology}-failover" in kinds
+    assert set(kinds) - {f"{topology}-failover"} == set(PROCESS_KINDS)
+    check_faults(kinds, topology)
+    with pytest.raises(ValueError, match="cannot run on the"):
+        check_faults(("net-cut",), topology)  # needs the standalone run's proxies
+    steps = schedule(5, kinds)
+    failovers = [
+        step for step in (next(steps) for _ in range(4 * len(kinds))) if step.target == "redis"
+    ]
+    assert {step.mode for step in failovers} == {"prompt", "lagging"}
+
+
+def test_a_replay_command_reproduces_the_config() -> None:
+    config = ChaosConfig(
+        seed=8, duration=200, topology="cluster", faults=("cluster-failover",), steps=2
+    )
+    command = config.replay()
+    assert command == (
+        "python -m tests.chaos --seed 8 --duration 200 --topology cluster "
+        "--faults cluster-failover --steps 2"
+    )
+    again = parse_args(command.split()[3:])
+    assert (again.seed, again.duration, again.topology, again.kinds, again.steps) == (
+        8,
+        200,
+        "cluster",
+        ("cluster-failover",),
+        2,
+    )
+    default = ChaosConfig(seed=3, topology="sentinel")
+    assert default.replay() == "python -m tests.chaos --seed 3 --duration 100 --topology sentinel"
+    assert parse_args(default.replay().split()[3:]).kinds == TOPOLOGY_FAULTS["sentinel"]

@@ -12,31 +12,53 @@ and reads back their deliveries. Two kinds:
 
 Events are counted by id: "acknowledged" when the publish call said so; a timed-out publish
 may still be delivered (counted apart, never as a duplicate).
+
+On a replicated topology (``redis+sentinel://``, ``redis+cluster://``: builtin nodes only) an
+event is acknowledged once its primary *and its replica* hold it: ``XADD`` then ``WAIT 1`` on
+the same connection. With asynchronous replication, an ``XADD`` the primary alone confirmed
+is lost when that primary is killed before it passed it on, and the new primary never heard of
+it: that is Redis losing an acknowledged write, which no leader election or fence can bring
+back (the library's documented limit), so the harness does not count it as acknowledged. It
+counts such events apart (``primary_only``), and how many of them were delivered anyway.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import random
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
-from .node import stream_keys
+from fastapi_leader.redis_url import parse_broker_url
+
+from .node import data_client, stream_keys
 
 ROOT = Path(__file__).resolve().parents[2]
 # A publish that takes longer has failed as far as the count goes (it may still land).
 PUBLISH_TIMEOUT = 1.0
+# How long a replicated publish waits for the replica to confirm the event.
+WAIT_MS = 500
 
-__all__ = ["BuiltinNodes", "ExampleAppNodes", "NodeKind", "NodeSpec"]
+__all__ = [
+    "BuiltinNodes",
+    "ExampleAppNodes",
+    "NodeKind",
+    "NodeSpec",
+    "data_client",
+    "direct_client",
+]
 
 
 @dataclass(frozen=True)
@@ -71,7 +93,12 @@ class NodeKind(abc.ABC):
         self.redis_url = redis_url  # direct, not through a proxy
         self.prefix = prefix
         self.group = group
-        self.redis = direct_client(redis_url)
+        self.redis: Redis | RedisCluster = data_client(redis_url, PUBLISH_TIMEOUT)
+        self.last_error = ""
+        """Why the last publish failed (for the publishes' log)."""
+        self.primary_only: dict[str, float] = {}
+        """Replicated topologies: events the primary confirmed and its replica did not (in
+        time), with when the publish began; not acknowledged (see the module's docstring)."""
 
     @abc.abstractmethod
     def command(self, node: NodeSpec) -> list[str]:
@@ -102,17 +129,61 @@ class BuiltinNodes(NodeKind):
     def __init__(self, redis_url: str, prefix: str, group: str) -> None:
         super().__init__(redis_url, prefix, group)
         self.keys = stream_keys(prefix, group)
+        self.topology = parse_broker_url(redis_url).topology
+        # Cluster: a plain client per primary, for XADD and WAIT on one connection.
+        self._nodes: dict[tuple[str, int], Redis] = {}
 
     def command(self, node: NodeSpec) -> list[str]:
         return [sys.executable, "-m", "tests.chaos.node"]
 
     async def publish(self, seq: int, live: Sequence[NodeSpec]) -> str | None:
         event_id = f"e{seq}"
+        stream = self.keys["stream"]
+        began = time.monotonic()
         try:
-            await self.redis.xadd(self.keys["stream"], {"id": event_id})
-        except (RedisError, OSError):
+            if self.topology == "standalone":
+                await self.redis.xadd(stream, {"id": event_id})
+                return event_id
+            replicas = await self._xadd_and_wait(stream, event_id)
+        except (RedisError, RedisClusterException, OSError) as exc:
+            self.last_error = repr(exc)
+            if isinstance(self.redis, RedisCluster):
+                # The slot may have moved: read the map again before the next publish.
+                with contextlib.suppress(RedisError, RedisClusterException, OSError):
+                    await self.redis.nodes_manager.initialize()
+            return None
+        if replicas < 1:
+            self.primary_only[event_id] = began
             return None
         return event_id
+
+    async def _xadd_and_wait(self, stream: str, event_id: str) -> int:
+        """XADD, then WAIT for one replica, on one connection (WAIT counts the replicas that
+        have this connection's writes); the number of replicas that confirmed."""
+        client: Redis | RedisCluster = self.redis
+        if isinstance(client, RedisCluster):
+            await client.initialize()  # reads the slot map the first time only
+            node = client.get_node_from_key(stream)
+            if node is None:
+                raise RedisError(f"no primary known for {stream}")
+            client = self._node_client(node)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.xadd(stream, {"id": event_id})
+            pipe.execute_command("WAIT", 1, WAIT_MS)
+            _, replicas = await pipe.execute()
+        return int(replicas)
+
+    def _node_client(self, node: ClusterNode) -> Redis:
+        key = (node.host, node.port)
+        if key not in self._nodes:
+            self._nodes[key] = direct_client(f"redis://{node.host}:{node.port}/0")
+        return self._nodes[key]
+
+    async def close(self) -> None:
+        for client in self._nodes.values():
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        await super().close()
 
     async def deliveries(self) -> list[str]:
         raw = await self.redis.lrange(self.keys["delivered"], 0, -1)
