@@ -14,6 +14,6 @@
 without proxies, with the topology's failover and the process faults (see :mod:`.faults`).
 
 Run it with ``python -m tests.chaos [--seed S] [--duration SECONDS]`` (``--help`` for more),
-or through pytest: ``pytest tests/chaos`` (the short run, about two minutes; ``CHAOS_SEED``
+or through pytest: ``pytest tests/chaos`` (the short run, 60 s of faults; ``CHAOS_SEED``
 and ``CHAOS_DURATION`` override its seed and length).
 """
