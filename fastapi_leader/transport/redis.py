@@ -45,7 +45,7 @@ import contextlib
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 from redis._parsers import AsyncCommandsParser
@@ -943,16 +943,8 @@ class RedisTransport:
 
     async def _pump(self, pubsub: PubSub, sink: Sink) -> None:
         """Read frames until the connection fails; raise when it goes silent after a PING."""
-        loop = asyncio.get_running_loop()
-        last_frame_at = loop.time()
-        ping_sent = False
-        while True:
-            message = await pubsub.get_message(timeout=_POLL_INTERVAL)
-            now = loop.time()
-            if message is not None:
-                # Any frame (message, pong, subscribe) proves that the server is alive.
-                last_frame_at = now
-                ping_sent = False
+        async with contextlib.aclosing(self._frames(pubsub, self._idle_before_ping)) as frames:
+            async for message in frames:
                 kind = message["type"]
                 if kind in ("message", "smessage"):
                     self._deliver(sink, message["data"])
@@ -967,9 +959,23 @@ class RedisTransport:
                 # so that a flood on the channel cannot hold off the timer (and the renewals)
                 # of every node on the election thread.
                 await asyncio.sleep(0)
+
+    async def _frames(self, pubsub: PubSub, idle: float) -> AsyncGenerator[dict[str, Any], None]:
+        """The frames of a pub/sub connection as they come. Any frame (message, pong,
+        subscribe) proves the server alive; after ``idle`` seconds without one the connection
+        is PINGed, and TimeoutError is raised when nothing follows within ``_PING_TIMEOUT``."""
+        loop = asyncio.get_running_loop()
+        last_frame_at = loop.time()
+        ping_sent = False
+        while True:
+            message = await pubsub.get_message(timeout=_POLL_INTERVAL)
+            now = loop.time()
+            if message is not None:
+                last_frame_at = now
+                ping_sent = False
+                yield message
                 continue
             silence = now - last_frame_at
-            idle = self._idle_before_ping
             if silence >= idle + _PING_TIMEOUT:
                 raise TimeoutError(f"no reply to PING for {silence - idle:.1f} s")
             if silence >= idle and not ping_sent:
@@ -1086,24 +1092,10 @@ class RedisTransport:
             primary = _address(reply[0], reply[1])
             if primary is not None:
                 await self._follow(primary, (host, port))
-        loop = asyncio.get_running_loop()
-        last_frame_at = loop.time()
-        ping_sent = False
-        while True:
-            message = await pubsub.get_message(timeout=_POLL_INTERVAL)
-            now = loop.time()
-            if message is not None:
-                last_frame_at = now
-                ping_sent = False
+        async with contextlib.aclosing(self._frames(pubsub, _SENTINEL_IDLE_BEFORE_PING)) as frames:
+            async for message in frames:
                 if message["type"] == "message" and message["channel"] == _SWITCH_MASTER:
                     await self._switch_announced(message["data"], (host, port))
-                continue
-            silence = now - last_frame_at
-            if silence >= _SENTINEL_IDLE_BEFORE_PING + _PING_TIMEOUT:
-                raise TimeoutError(f"no reply to PING for {silence - _PING_TIMEOUT:.1f} s")
-            if silence >= _SENTINEL_IDLE_BEFORE_PING and not ping_sent:
-                await asyncio.wait_for(pubsub.ping(_PING_PAYLOAD), self._command_timeout)
-                ping_sent = True
 
     async def _confirm_switch_master(self, pubsub: PubSub) -> None:
         await pubsub.subscribe(_SWITCH_MASTER)

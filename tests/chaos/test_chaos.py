@@ -1,7 +1,8 @@
 """Chaos runs under pytest: the short run of CI, and sabotaged runs that must fail.
 
 ``CHAOS_SEED`` and ``CHAOS_DURATION`` (seconds of faults, default 60: about 70 s in all, some
-15 faults, nearly one round of every kind) set the short run; the long run is ``python -m tests.chaos --duration 600``.
+15 faults, nearly one round of every kind) set the short run; the long run is
+``python -m tests.chaos --duration 600``.
 
 ``test_app_loop_stalls_below_and_beyond_the_limit`` runs the two stall faults alone, once
 each (``python -m tests.chaos --faults loop-stall,loop-stall-long`` for more of them).
