@@ -13,7 +13,7 @@ import logging
 import secrets
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis
@@ -48,6 +48,22 @@ async def start_error(redis_url: str, **settings: object) -> str:
     lines = str(caught.value).splitlines()
     assert len(lines) == 1, lines
     return lines[0]
+
+
+async def start_error_at_a_sentinel(
+    make_redis_server: MakeRedisServer, url_of: Callable[[int], str]
+) -> tuple[str, str]:
+    """Start a node on ``url_of(port)`` of a lone sentinel that monitors a fresh server; return
+    that URL and the first line of the error the node's start raises."""
+    monitored = make_redis_server()
+    sentinel = _SentinelProcess(monitored.binary, _free_port(), monitored.port)
+    try:
+        with redis.Redis("127.0.0.1", sentinel.port, socket_timeout=2.0) as probe:
+            wait_until(probe.ping, 10.0, "the sentinel to start")
+        url = url_of(sentinel.port)
+        return url, await start_error(url)
+    finally:
+        sentinel.stop()
 
 
 async def test_unreachable_server_names_the_url_and_what_to_check() -> None:
@@ -101,15 +117,9 @@ async def test_redis_scheme_at_a_cluster_node_names_redis_cluster(
 async def test_redis_scheme_at_a_sentinel_names_redis_sentinel(
     make_redis_server: MakeRedisServer,
 ) -> None:
-    monitored = make_redis_server()
-    sentinel = _SentinelProcess(monitored.binary, _free_port(), monitored.port)
-    try:
-        with redis.Redis("127.0.0.1", sentinel.port, socket_timeout=2.0) as probe:
-            wait_until(probe.ping, 10.0, "the sentinel to start")
-        url = f"redis://127.0.0.1:{sentinel.port}/0"
-        line = await start_error(url)
-    finally:
-        sentinel.stop()
+    url, line = await start_error_at_a_sentinel(
+        make_redis_server, lambda port: f"redis://127.0.0.1:{port}/0"
+    )
     assert line.startswith(f"Cannot use Redis at {url}: this is a Sentinel")
     assert "redis+sentinel://host:26379[,host:26379...]/service_name" in line
 
@@ -210,14 +220,8 @@ async def test_a_node_that_cannot_allocate_terms_warns_with_the_reason(
 async def test_sentinel_url_with_a_wrong_service_name_says_what_to_check(
     make_redis_server: MakeRedisServer,
 ) -> None:
-    monitored = make_redis_server()
-    sentinel = _SentinelProcess(monitored.binary, _free_port(), monitored.port)
-    try:
-        with redis.Redis("127.0.0.1", sentinel.port, socket_timeout=2.0) as probe:
-            wait_until(probe.ping, 10.0, "the sentinel to start")
-        url = f"redis+sentinel://127.0.0.1:{sentinel.port}/no-such-service"
-        line = await start_error(url)
-    finally:
-        sentinel.stop()
+    url, line = await start_error_at_a_sentinel(
+        make_redis_server, lambda port: f"redis+sentinel://127.0.0.1:{port}/no-such-service"
+    )
     assert line.startswith(f"No sentinel at {url} named a primary for service 'no-such-service'")
     assert "LEADER_SENTINEL_PASSWORD" in line
